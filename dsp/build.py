@@ -1,0 +1,63 @@
+"""Build a run's parts from its (Hydra) config, and load a finished run from Python without Hydra."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dsp.errors import DspError
+from dsp.training.checkpoint import load_checkpoint
+
+
+def build_data(cfg: DictConfig):
+    data = hydra.utils.instantiate(cfg.data)
+    with open_dict(cfg):  # the model's YAML reads the sizes through ${dims.*}
+        cfg.dims = {"num_features": data.num_features, "num_labels": data.num_labels}
+    return data
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    return hydra.utils.instantiate(cfg.model)
+
+
+def build_inference(cfg: DictConfig):
+    return hydra.utils.instantiate(cfg.inference)
+
+
+def build_objective(cfg: DictConfig):
+    return hydra.utils.instantiate(cfg.objective)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its config, model (eval mode), inference routine and decision threshold."""
+
+    config: DictConfig
+    model: torch.nn.Module
+    inference: object
+    threshold: float
+    predict_mode: str
+    checkpoint: dict
+
+    def data(self):
+        return hydra.utils.instantiate(self.config.data)
+
+
+def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Load `run_dir/checkpoints/<ckpt>.pt` with the config stored inside it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DspError(f"run folder {run_dir} does not exist; pass run_dir=<a dsp-train output folder>")
+    path = run_dir / "checkpoints" / f"{ckpt}.pt"
+    state = load_checkpoint(path, map_location=device)
+    cfg = OmegaConf.create(state["config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise DspError(f"checkpoint {path} does not fit the model its config describes: {err}") from None
+    model.to(device).eval()
+    return LoadedRun(cfg, model, build_inference(cfg), float(state["threshold"]), state["predict"], state)

@@ -1,0 +1,63 @@
+"""dsp-eval run_dir=DIR [split=test] [ckpt=best]: re-evaluate a trained run's checkpoint.
+
+Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz (pred and target as
+uint8 [N, L], score as float32 [N, L]) and prints the metrics.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from dsp.build import load_run
+from dsp.cli.common import config_dir, print_table, user_errors
+from dsp.tasks import multilabel as task
+from dsp.training.checkpoint import _atomic, write_json
+from dsp.training.predict import predict_soft
+from dsp.training.trainer import resolve_device
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", device="cpu", batch_size=1024):
+    """Evaluate a run folder's checkpoint on one split; returns (metrics, arrays)."""
+    run = load_run(run_dir, ckpt=ckpt, device=device)
+    x, y = (t.to(device) for t in run.data().split(split).tensors)
+    soft, iters = predict_soft(run.model, run.inference, x, batch_size, run.predict_mode)
+    pred = task.decode(soft, run.threshold)
+    metrics = {f"{split}/{k}": v for k, v in task.evaluate(pred, y).items()}
+    metrics[f"{split}/inference_iters"] = iters
+    arrays = {
+        "pred": pred.cpu().numpy().astype(np.uint8),
+        "target": y.cpu().numpy().astype(np.uint8),
+        "score": soft.cpu().numpy().astype(np.float32),
+    }
+    return metrics, arrays
+
+
+def save_npz(arrays: dict, path: Path) -> None:
+    def write(tmp: Path) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        tmp.write_bytes(buf.getvalue())
+
+    _atomic(path, write)
+
+
+@user_errors
+def _main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    device = resolve_device(cfg.device)
+    metrics, arrays = evaluate_run(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size)
+    write_json(metrics, run_dir / "eval" / "metrics.json")
+    save_npz(arrays, run_dir / "eval" / "predictions.npz")
+    print_table(metrics, f"{run_dir} ({cfg.ckpt}.pt, {cfg.split} split):")
+
+
+def main() -> None:
+    hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""dsp-train: build data, model, inference and objective from the Hydra config and train."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dsp.build import build_data, build_inference, build_model, build_objective
+from dsp.cli.common import config_dir, print_table, user_errors
+from dsp.training.stages import build_stages
+from dsp.training.trainer import Trainer, resolve_device, set_seed
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train one run into `run_dir` and return its final metrics (also usable without the CLI)."""
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    data = build_data(cfg)
+    model = build_model(cfg)
+    inference = build_inference(cfg)
+    stages = build_stages(cfg.trainer, build_objective(cfg), model)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    trainer = Trainer(cfg.trainer, model, inference, stages, data, run_dir, device, config_dict, cfg.seed)
+    return trainer.fit()
+
+
+@user_errors
+def _main(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics = train(cfg, run_dir)
+    print(f"run folder: {run_dir}")
+    print_table(metrics, "final metrics (best checkpoint, validation-tuned threshold):")
+    # The sweep objective (Optuna and friends maximise the validation metric).
+    return metrics.get(f"val/{cfg.trainer.monitor}", float("nan"))
+
+
+def main() -> None:
+    hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    main()

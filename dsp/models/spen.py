@@ -1,0 +1,109 @@
+"""Structured prediction energy networks (Belanger & McCallum 2016) and the MLP baseline.
+
+E_x(ȳ) = -Σ_i ȳ_i b_iᵀF(x)  +  E_global(ȳ [, F(x)])            (Eq. 4-6; prediction minimises E)
+
+The local term is written as a negative score so that b_iᵀF(x) are ordinary logits: the same
+numbers train the MLP baseline with a per-label logistic loss and initialise SPEN inference.
+A SPEN without a global energy *is* the MLP baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dsp.nn.mlp import MLP, make_activation
+
+
+@dataclass
+class SpenFeatures:
+    """What inference needs from x, computed once per batch: F(x) [B, f] and local logits [B, L]."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+
+    def detach(self) -> "SpenFeatures":
+        return SpenFeatures(self.features.detach(), self.logits.detach())
+
+
+class LocalEnergy(nn.Module):
+    """Per-label linear models on the features: logits_i = b_iᵀF(x) + a_i."""
+
+    def __init__(self, in_features: int, num_labels: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_labels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)  # [B, L]
+
+
+class GlobalEnergy(nn.Module):
+    """Label energy c2ᵀ g(C1 ȳ + c1) (Eq. 5), optionally deeper.
+
+    `measurements` is the number of rows of C1; `hidden` adds further layers after it.
+    `conditional=True` gives Eq. 6, d2ᵀ g(D1 [ȳ; F(x)]): label interactions that depend on x.
+    """
+
+    def __init__(
+        self,
+        num_labels: int,
+        measurements: int = 15,
+        hidden: Sequence[int] = (),
+        activation: str = "softplus",
+        init_scale: float = 1.0,
+        conditional: bool = False,
+        num_features: int | None = None,
+    ):
+        super().__init__()
+        if conditional and not num_features:
+            raise ValueError("a conditional global energy needs num_features")
+        self.num_labels, self.conditional = num_labels, conditional
+        self.measure = nn.Linear(num_labels + (num_features if conditional else 0), measurements)  # C1
+        self.activation = make_activation(activation)
+        self.deeper = MLP(measurements, hidden, activation=activation)
+        self.out = nn.Linear(self.deeper.out_features, 1, bias=False)  # c2
+        with torch.no_grad():
+            self.out.weight.mul_(init_scale)
+
+    def forward(self, y: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = torch.cat([y, features], dim=-1) if self.conditional else y
+        h = self.activation(self.measure(inputs))
+        return self.out(self.deeper(h)).squeeze(-1)  # [B]
+
+    @property
+    def measurement_matrix(self) -> torch.Tensor:
+        """The label columns of C1 [measurements, L] (SPEN Figure 1)."""
+        return self.measure.weight[:, : self.num_labels]
+
+
+class SPEN(nn.Module):
+    """Feature network + local energy + optional global energy; see the module docstring."""
+
+    def __init__(self, num_labels: int, feature_net: nn.Module, local_energy, global_energy=None):
+        """`local_energy` and `global_energy` are factories (Hydra `_partial_` nodes) that get the
+        sizes wired in here, so a config never repeats the feature width."""
+        super().__init__()
+        width = feature_net.out_features
+        self.feature_net = feature_net
+        self.local_energy = local_energy(in_features=width, num_labels=num_labels)
+        self.global_energy = None if global_energy is None else global_energy(num_labels=num_labels, num_features=width)
+
+    @property
+    def is_structured(self) -> bool:
+        """False for the MLP baseline, whose minimiser is read off the logits."""
+        return self.global_energy is not None
+
+    def features(self, x: torch.Tensor) -> SpenFeatures:
+        f = self.feature_net(x)  # [B, f]
+        return SpenFeatures(f, self.local_energy(f))
+
+    def energy(self, y: torch.Tensor, feats: SpenFeatures) -> torch.Tensor:
+        e = -(y * feats.logits).sum(-1)  # [B]
+        if self.global_energy is not None:
+            e = e + self.global_energy(y, feats.features)
+        return e
+
+    def local_probs(self, feats: SpenFeatures) -> torch.Tensor:
+        return torch.sigmoid(feats.logits)

@@ -1,0 +1,59 @@
+"""Plain fully connected building blocks shared by every model family."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dsp.errors import DspError
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "hardtanh": nn.Hardtanh,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name.lower()]()
+    except KeyError:
+        raise DspError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}") from None
+
+
+class MLP(nn.Module):
+    """x -> g(W_k ... g(W_1 x)): every hidden layer is followed by the activation.
+
+    `hidden=[]` is the identity (a linear feature network for a linear local energy).
+    `out_features` adds a final affine layer without activation.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int] = (),
+        out_features: int | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), make_activation(activation)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        if out_features is not None:
+            layers.append(nn.Linear(width, out_features))
+            width = out_features
+        self.net = nn.Sequential(*layers)
+        self.out_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,35 @@
+"""Structured SVM for SPENs (Eq. 8-9) with loss-augmented gradient inference.
+
+    L = mean_b [ m·Δ(ȳ_b, y_b) - E(ȳ_b) + E(y_b) ]_+ ,   ȳ_b ≈ argmin_ȳ E(ȳ) - m·Δ(ȳ, y_b)
+
+Δ is a differentiable surrogate of the Hamming loss (squared or log loss). ȳ is not rounded
+(§4), and the hinge is kept because inference is only approximate. L2 regularisation is the
+optimiser's weight decay.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsp.tasks.multilabel import delta_fn
+
+
+class SSVMLoss:
+    def __init__(self, margin_weight: float = 1.0, delta: str = "squared"):
+        self.margin_weight = margin_weight
+        self.delta = delta_fn(delta)
+
+    def loss(self, model, inference, x, y):
+        feats = model.features(x)
+
+        def margin(y_bar: torch.Tensor) -> torch.Tensor:
+            return self.margin_weight * self.delta(y_bar, y)
+
+        result = inference(model, feats, augment=margin, train=True)
+        y_hat = result.y  # detached: the subgradient only flows through E
+        hinge = margin(y_hat) - model.energy(y_hat, feats) + model.energy(y, feats)  # [B]
+        loss = torch.relu(hinge).mean()
+        logs = {
+            "violated": (hinge > 0).float().mean(),
+            "inference_iters": result.iterations,
+        }
+        return loss, logs

@@ -1,0 +1,44 @@
+"""The multi-label output space: decoding the relaxation, metrics, the SSVM surrogate losses."""
+from __future__ import annotations
+
+import torch
+
+from dsp import metrics as M
+from dsp.errors import DspError
+
+
+def decode(soft: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Round the relaxed output ȳ [N, L] to 0/1 labels."""
+    return (soft >= threshold).to(torch.uint8)
+
+
+def evaluate(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    return {"example_f1": M.example_f1(pred, target), "hamming": M.hamming(pred, target)}
+
+
+def tune_threshold(soft: torch.Tensor, target: torch.Tensor, grid=None) -> float:
+    """The threshold on ȳ that maximises example F1 on (validation) data (SPEN §7.1)."""
+    grid = torch.linspace(0.05, 0.95, 19).tolist() if grid is None else grid
+    scores = [M.example_f1(decode(soft, t), target) for t in grid]
+    return float(grid[max(range(len(grid)), key=scores.__getitem__)])
+
+
+def squared_delta(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Differentiable surrogate of the Hamming loss: Σ_i (ȳ_i - y_i)² -> [B]."""
+    return ((y - target) ** 2).sum(-1)
+
+
+def log_delta(y: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Log-loss surrogate of the Hamming loss: -Σ_i [y_i log ȳ_i + (1-y_i) log(1-ȳ_i)] -> [B]."""
+    y = y.clamp(eps, 1 - eps)
+    return -(target * y.log() + (1 - target) * torch.log1p(-y)).sum(-1)
+
+
+DELTAS = {"squared": squared_delta, "log": log_delta}
+
+
+def delta_fn(name: str):
+    try:
+        return DELTAS[name]
+    except KeyError:
+        raise DspError(f"objective.delta={name!r}: choose one of {', '.join(DELTAS)}") from None

@@ -1,0 +1,92 @@
+"""Training stages as data: each stage names its objective, the modules it trains and its
+optimiser settings; anything a stage leaves out comes from the trainer config.
+
+SPEN §A.4 is three stages: local pretraining of features + local energy, the global energy alone
+with those clamped, then everything with a small learning rate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from dsp.errors import DspError
+
+STAGE_KEYS = {
+    "objective", "train", "predict", "optimizer", "lr", "momentum", "weight_decay",
+    "max_epochs", "patience", "batch_size", "lr_factor", "lr_patience",
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    objective: object
+    train: list[str] | str
+    predict: str
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    max_epochs: int
+    patience: int
+    batch_size: int
+    lr_factor: float
+    lr_patience: int
+
+    def parameters(self, model: torch.nn.Module):
+        """Freeze everything the stage does not train; return the trained parameters."""
+        names = [n for n, _ in model.named_children()] if self.train == "all" else list(self.train)
+        for n, child in model.named_children():
+            child.requires_grad_(n in names)
+        return [p for n in names for p in getattr(model, n).parameters()]
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        raise DspError(f"stage {self.name!r}: optimizer={self.optimizer!r}, choose sgd, adam or adamw")
+
+
+def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module) -> list[Stage]:
+    # A stage set to null is switched off (e.g. trainer.stages.local=null).
+    stages_cfg = {k: v for k, v in (trainer_cfg.stages or {}).items() if v is not None}
+    if not stages_cfg:
+        raise DspError("trainer.stages is empty: give at least one stage")
+    children = {n for n, m in model.named_children() if m is not None}
+    out = []
+    for name, spec in stages_cfg.items():
+        unknown = set(spec) - STAGE_KEYS
+        if unknown:
+            raise DspError(f"trainer.stages.{name}: unknown key(s) {sorted(unknown)}; known: {sorted(STAGE_KEYS)}")
+        get = lambda key: spec.get(key) if spec.get(key) is not None else trainer_cfg.get(key)  # noqa: E731
+        obj_cfg = spec.get("objective", "main")
+        objective = main_objective if obj_cfg in (None, "main") else hydra.utils.instantiate(obj_cfg)
+        train = spec.get("train", "all")
+        train = train if train == "all" else [str(t) for t in train]
+        if train != "all":
+            missing = [t for t in train if t not in children]
+            if missing:
+                raise DspError(
+                    f"trainer.stages.{name}.train names {missing}, which the model does not have; "
+                    f"the model's parts are {sorted(children)}"
+                )
+        predict = spec.get("predict", "inference")
+        if predict not in ("inference", "local"):
+            raise DspError(f"trainer.stages.{name}.predict={predict!r}: choose 'inference' or 'local'")
+        max_epochs = spec.get("max_epochs", trainer_cfg.stage_epochs)
+        if trainer_cfg.max_epochs is not None:  # the run-wide cap reviewers use for quick checks
+            max_epochs = min(max_epochs, trainer_cfg.max_epochs)
+        out.append(Stage(
+            name=name, objective=objective, train=train, predict=predict,
+            optimizer=get("optimizer"), lr=float(get("lr")), momentum=float(get("momentum")),
+            weight_decay=float(get("weight_decay")), max_epochs=int(max_epochs),
+            patience=int(get("patience")), batch_size=int(get("batch_size")),
+            lr_factor=float(get("lr_factor")), lr_patience=int(get("lr_patience")),
+        ))
+    return out

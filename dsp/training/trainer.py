@@ -1,0 +1,235 @@
+"""The training loop: stages, optimiser and schedule, validation with threshold tuning, early
+stopping, crash-safe checkpoints, resume, TensorBoard and tqdm.
+
+Run folder (the contract other tools rely on):
+    checkpoints/last.pt   every epoch        checkpoints/best.pt   on validation improvement
+    tb/                   TensorBoard        metrics.json          final "<split>/<metric>" numbers
+best.pt tracks the best epoch of the current stage: each stage ends by restoring its best weights
+(early stopping), so after the last stage best.pt is the model that is evaluated.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from dsp.errors import DspError
+from dsp.tasks import multilabel as task
+from dsp.training.checkpoint import load_checkpoint, save_checkpoint, write_json
+from dsp.training.predict import predict_soft
+from dsp.training.stages import Stage
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DspError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg, model, inference, stages: list[Stage], data, run_dir, device, config_dict, seed):
+        self.cfg, self.model, self.inference, self.stages = cfg, model.to(device), inference, stages
+        self.data, self.run_dir, self.device = data, Path(run_dir), device
+        self.config_dict, self.seed = config_dict, seed
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.splits = {s: tuple(t.to(device) for t in data.split(s).tensors) for s in ("train", "val", "test")}
+        self.step = 0
+        self.global_epoch = 0
+
+    # ----------------------------------------------------------------------------------- eval
+    def predict(self, split: str, mode: str):
+        x, y = self.splits[split]
+        soft, iters = predict_soft(self.model, self.inference, x, self.cfg.eval_batch_size, mode)
+        return soft, y, iters
+
+    def validate(self, mode: str):
+        soft, y, iters = self.predict("val", mode)
+        threshold = task.tune_threshold(soft, y) if self.cfg.threshold == "tune" else float(self.cfg.threshold)
+        metrics = task.evaluate(task.decode(soft, threshold), y)
+        return metrics, threshold, iters
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _state(self, stage_index, epoch, best, bad_epochs, threshold, optimizer, scheduler):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "stage_index": stage_index,
+            "stage": self.stages[stage_index].name,
+            "predict": self.stages[stage_index].predict,
+            "epoch": epoch,
+            "global_epoch": self.global_epoch,
+            "step": self.step,
+            "best_metric": best,
+            "bad_epochs": bad_epochs,
+            "threshold": threshold,
+            "config": self.config_dict,
+            "seed": self.seed,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        }
+
+    def _resume_state(self):
+        last = self.ckpt_dir / "last.pt"
+        if not (self.cfg.resume and last.is_file()):
+            return None
+        state = load_checkpoint(last, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.step, self.global_epoch = state["step"], state["global_epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        tqdm.write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}")
+        return state
+
+    # ---------------------------------------------------------------------------------- train
+    def fit(self) -> dict:
+        start_time = time.time()
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=None)
+        resume = self._resume_state()
+        first_stage = resume["stage_index"] if resume else 0
+        try:
+            for i in range(first_stage, len(self.stages)):
+                self._fit_stage(i, writer, resume if i == first_stage else None)
+            metrics = self.final_metrics()
+            metrics["train/time_s"] = round(time.time() - start_time, 3)
+            metrics["train/epochs"] = self.global_epoch
+            writer.add_hparams(self.hparams(), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        finally:
+            writer.close()
+        write_json(metrics, self.run_dir / "metrics.json")
+        return metrics
+
+    def _fit_stage(self, index: int, writer: SummaryWriter, resume: dict | None) -> None:
+        stage = self.stages[index]
+        params = stage.parameters(self.model)
+        optimizer = stage.make_optimizer(params)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=stage.lr_factor, patience=stage.lr_patience
+        )
+        best, bad_epochs, first_epoch = -math.inf, 0, 1
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            best, bad_epochs, first_epoch = resume["best_metric"], resume["bad_epochs"], resume["epoch"] + 1
+        x, y = self.splits["train"]
+        monitor, epoch = self.cfg.monitor, first_epoch - 1
+        epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
+                      disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+        for epoch in epochs:
+            if bad_epochs >= stage.patience or self._out_of_steps():
+                break
+            self.model.train()
+            self._freeze_modes(stage)
+            # One shuffle per (seed, stage, epoch): a resumed run sees the same batches.
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1009 + epoch)
+            perm = torch.randperm(x.shape[0], generator=gen).to(self.device)
+            batches = tqdm(range(0, x.shape[0], stage.batch_size), desc=f"epoch {epoch}",
+                           disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+            for start in batches:
+                idx = perm[start : start + stage.batch_size]
+                loss, logs = stage.objective.loss(self.model, self.inference, x[idx], y[idx])
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise DspError(
+                        f"training diverged: the loss is {value} at stage {stage.name!r}, epoch {epoch}, "
+                        f"step {self.step}. Nothing was saved from this epoch; the last good checkpoint "
+                        f"is {self.ckpt_dir / 'last.pt'}. Lower the learning rate or add weight decay."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+                optimizer.step()
+                self.step += 1
+                batches.set_postfix(loss=f"{value:.4f}")
+                if self.step % self.cfg.log_every == 0:
+                    writer.add_scalar(f"train/loss_{stage.name}", value, self.step)
+                    for k, v in logs.items():
+                        writer.add_scalar(f"train/{k}", float(v), self.step)
+                if self._out_of_steps():
+                    break
+            self.global_epoch += 1
+            metrics, threshold, iters = self.validate(stage.predict)
+            current = metrics[monitor]
+            scheduler.step(current)
+            improved = current > best
+            if improved:
+                best, bad_epochs = current, 0
+            else:
+                bad_epochs += 1
+            self._log_epoch(writer, stage, metrics, threshold, iters, optimizer)
+            epochs.set_postfix({monitor: f"{current:.2f}", "best": f"{best:.2f}"})
+            state = self._state(index, epoch, best, bad_epochs, threshold, optimizer, scheduler)
+            if improved:
+                save_checkpoint(state, self.ckpt_dir / "best.pt")
+            save_checkpoint(state, self.ckpt_dir / "last.pt")
+        tqdm.write(f"stage {stage.name}: best val {monitor} {best:.2f} after {epoch} epoch(s)")
+        # Early stopping: continue from (and finish with) the stage's best weights.
+        best_path = self.ckpt_dir / "best.pt"
+        if best_path.is_file():
+            best_state = load_checkpoint(best_path, map_location=self.device)
+            if best_state["stage_index"] == index:
+                self.model.load_state_dict(best_state["model"])
+        self.model.requires_grad_(True)
+
+    def _freeze_modes(self, stage: Stage) -> None:
+        """Clamped modules run in eval mode (no dropout), as fixed feature extractors."""
+        if stage.train != "all":
+            for n, child in self.model.named_children():
+                if n not in stage.train:
+                    child.eval()
+
+    def _out_of_steps(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _log_epoch(self, writer, stage, metrics, threshold, iters, optimizer) -> None:
+        e = self.global_epoch
+        for k, v in metrics.items():
+            writer.add_scalar(f"val/{k}", v, e)
+        writer.add_scalar("val/threshold", threshold, e)
+        writer.add_scalar("val/inference_iters", iters, e)
+        writer.add_scalar("lr", optimizer.param_groups[0]["lr"], e)
+        global_energy = getattr(self.model, "global_energy", None)
+        if global_energy is not None:
+            c1 = global_energy.measurement_matrix.detach().float().cpu()  # [M, L]
+            img = (c1 - c1.min()) / (c1.max() - c1.min()).clamp_min(1e-12)
+            writer.add_image("global_energy/C1", img.unsqueeze(0), e, dataformats="CHW")
+
+    def final_metrics(self) -> dict:
+        """Reload best.pt and evaluate val and test with its validation-tuned threshold."""
+        state = load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        out = {"val/threshold": state["threshold"]}
+        for split in ("val", "test"):
+            soft, y, iters = self.predict(split, state["predict"])
+            for k, v in task.evaluate(task.decode(soft, state["threshold"]), y).items():
+                out[f"{split}/{k}"] = v
+            out[f"{split}/inference_iters"] = iters
+        return out
+
+    def hparams(self) -> dict:
+        flat = {}
+
+        def walk(prefix, node):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            elif isinstance(node, (int, float, str, bool)):
+                flat[prefix] = node
+
+        walk("", {k: self.config_dict.get(k) for k in ("model", "inference", "objective", "trainer")})
+        return flat
