@@ -104,6 +104,7 @@ class GradientInference:
         """The optimisation loop itself, for any batched objective ȳ [B, L] -> [B]."""
         y = y0.clamp(self.eps, 1 - self.eps) if self.method == "mirror" else y0.clamp(0, 1)
         z = _logit(y, self.eps) if self.method == "mirror" else None
+        z_max = float(_logit(torch.tensor(1 - self.eps, dtype=torch.float64), 0.0))  # keeps ȳ in [eps, 1-eps]
         velocity = torch.zeros_like(y)
         active = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)  # [B]
         f_prev = None
@@ -117,7 +118,7 @@ class GradientInference:
                 step_mask = active.unsqueeze(-1).to(y.dtype)  # [B, 1]: converged examples freeze
                 velocity = (self.momentum * velocity + grad) * step_mask
                 if self.method == "mirror":
-                    z = (z - self.lr * velocity).clamp(-30.0, 30.0)
+                    z = (z - self.lr * velocity).clamp(-z_max, z_max)
                     y_new = torch.sigmoid(z)
                 else:
                     y_new = (y - self.lr * velocity).clamp(0.0, 1.0)

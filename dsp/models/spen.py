@@ -105,5 +105,9 @@ class SPEN(nn.Module):
             e = e + self.global_energy(y, feats.features)
         return e
 
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """E_x(ȳ) [B] in one call (features are usually computed once and reused instead)."""
+        return self.energy(y, self.features(x))
+
     def local_probs(self, feats: SpenFeatures) -> torch.Tensor:
         return torch.sigmoid(feats.logits)

@@ -1,0 +1,146 @@
+"""End to end: dsp-train and dsp-eval as a user runs them, and every preset composed and run briefly."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import write_mulan
+from dsp.cli.common import config_dir
+from dsp.cli.train import train
+
+TINY_SYNTHETIC = ["data.num_train=64", "data.num_val=32", "data.num_test=48"]
+QUICK = ["trainer.max_epochs=1", "trainer.progress=false", "inference.max_iter=5", "trainer.batch_size=16"]
+PRESETS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+
+
+def run_cli(*args, cwd=None):
+    """Run an entrypoint as a user would; returns the finished process."""
+    module = {"dsp-train": "dsp.cli.train", "dsp-eval": "dsp.cli.evaluate"}[args[0]]
+    return subprocess.run([sys.executable, "-m", module, *args[1:]], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def tiny_data_overrides(cfg_target: str, tmp_path: Path) -> list[str]:
+    if cfg_target.endswith("make_block_exclusive"):
+        return TINY_SYNTHETIC
+    tr, te, xml = write_mulan(tmp_path / "mulan" / "tiny")
+    return [f"data.train={tr}", f"data.test={te}", f"data.labels_xml={xml}", "data.num_labels=null"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes_and_trains_a_few_steps(preset, tmp_path):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        target = compose("config", overrides=[f"experiment={preset}"]).data._target_
+        cfg = compose("config", overrides=[f"experiment={preset}", *QUICK,
+                                           *tiny_data_overrides(target, tmp_path)])
+    metrics = train(cfg, tmp_path / "run")
+    for key in ("val/example_f1", "test/example_f1", "test/hamming", "train/time_s"):
+        assert key in metrics and np.isfinite(metrics[key])
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_train_then_eval_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("dsp-train", *QUICK, *TINY_SYNTHETIC, f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"run folder: {run}" in proc.stdout and "test/example_f1" in proc.stdout
+    for f in (".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / f).is_file(), f
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/example_f1", "test/example_f1", "test/hamming", "train/time_s"} <= set(metrics)
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
+    assert {"model", "optimizer", "epoch", "step", "best_metric", "config", "seed"} <= set(ckpt)
+
+    proc = run_cli("dsp-eval", f"run_dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    assert "test/example_f1" in proc.stdout
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())
+    assert evaluated["test/example_f1"] == pytest.approx(metrics["test/example_f1"])
+    arrays = np.load(run / "eval" / "predictions.npz")
+    assert arrays["pred"].dtype == np.uint8 and arrays["target"].dtype == np.uint8
+    assert arrays["score"].dtype == np.float32 and arrays["pred"].shape == arrays["score"].shape == (48, 16)
+    assert set(np.unique(arrays["target"])) <= {0, 1}
+
+    import dsp  # and from Python, without Hydra
+    loaded = dsp.load_run(run)
+    assert loaded.threshold == ckpt["threshold"] and not loaded.model.training
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    base = [*QUICK[1:], *TINY_SYNTHETIC, "trainer=default", "trainer.patience=100", f"hydra.run.dir={run}"]
+    assert run_cli("dsp-train", "trainer.max_epochs=1", *base).returncode == 0
+    first = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    proc = run_cli("dsp-train", "trainer.max_epochs=2", "trainer.resume=true", *base)
+    assert proc.returncode == 0, proc.stderr
+    second = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert (first["epoch"], second["epoch"]) == (1, 2)
+    assert second["step"] == 2 * first["step"]
+
+
+class NanAfterLoss:
+    """The local loss, until it turns NaN after `after` steps (a diverging run, made on purpose)."""
+
+    def __init__(self, after: int):
+        from dsp.objectives.local import LocalLoss
+
+        self.after, self.calls, self.local = after, 0, LocalLoss()
+
+    def loss(self, model, inference, x, y):
+        self.calls += 1
+        loss, logs = self.local.loss(model, inference, x, y)
+        return (loss * float("nan") if self.calls > self.after else loss), logs
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    from dsp.errors import DspError
+    from dsp.training.checkpoint import load_checkpoint
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=[*QUICK[1:], *TINY_SYNTHETIC, "trainer=default", "model=mlp3", "objective=local",
+                                           "trainer.max_epochs=3", f"+objective.after=6",
+                                           f"objective._target_={__name__}.NanAfterLoss"])
+    run = tmp_path / "run"
+    with pytest.raises(DspError, match=r"diverged: the loss is nan.*epoch 2.*last.pt"):
+        train(cfg, run)  # 4 steps per epoch: epoch 1 is good, epoch 2 diverges
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("case", ["missing_data", "malformed_arff", "label_mismatch", "unknown_key"])
+def test_bad_input_gives_one_clear_error_without_traceback(case, tmp_path):
+    tr, te, xml = write_mulan(tmp_path / "mulan" / "tiny", sparse=False)
+    data = [f"data.train={tr}", f"data.test={te}", f"data.labels_xml={xml}"]
+    if case == "missing_data":
+        args, expect = ["data=bibtex", f"paths.data_dir={tmp_path}/nowhere"], [f"{tmp_path}/nowhere/mulan/bibtex", "download"]
+    elif case == "malformed_arff":
+        lines = tr.read_text().splitlines()
+        lines[30] = "1,2"
+        tr.write_text("\n".join(lines))
+        args, expect = ["data=mulan", *data], [str(tr), "line 31"]
+    elif case == "label_mismatch":
+        args, expect = ["data=mulan", *data, "data.num_labels=9"], ["num_labels=9", "5 labels"]
+    else:
+        args, expect = ["trainer.lr_typo=0.1"], ["lr_typo"]
+    proc = run_cli("dsp-train", *QUICK, *args, f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    for text in expect:
+        assert text in proc.stderr, proc.stderr
+
+
+def test_eval_without_or_with_a_corrupted_checkpoint_says_so(tmp_path):
+    proc = run_cli("dsp-eval", f"run_dir={tmp_path}")
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
+    proc = run_cli("dsp-eval", f"run_dir={tmp_path}")
+    assert proc.returncode == 2 and "corrupted" in proc.stderr and "Traceback" not in proc.stderr

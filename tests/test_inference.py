@@ -1,0 +1,76 @@
+from functools import partial
+
+import pytest
+import torch
+
+from dsp.inference.gradient import GradientInference
+from dsp.models.spen import SPEN, GlobalEnergy, LocalEnergy
+from dsp.nn.mlp import MLP
+
+
+def quadratic(target):
+    """E(ȳ) = ||ȳ - t||² per example; its minimiser over [0,1]^L is clip(t, 0, 1)."""
+    return lambda y: ((y - target) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("method", ["mirror", "projected"])
+def test_reaches_the_box_constrained_minimiser(method):
+    target = torch.tensor([[0.3, 0.8, 1.7, -0.4], [0.5, 0.1, 0.9, 0.6]])
+    inf = GradientInference(method=method, lr=0.1, momentum=0.5, max_iter=2000, rel_tol=0, abs_tol=1e-7)
+    res = inf.minimise(quadratic(target), torch.full_like(target, 0.5))
+    expected = target.clamp(0, 1)
+    tol = 2e-2 if method == "mirror" else 1e-4  # mirror descent approaches the boundary only asymptotically
+    assert torch.allclose(res.y, expected, atol=tol)
+    assert res.converged.all()
+
+
+def test_mirror_descent_stays_strictly_inside_the_box():
+    torch.manual_seed(0)
+    # A steep linear energy pushes every coordinate to the boundary; the iterates must not reach it.
+    slope = torch.randn(8, 10) * 50
+    inf = GradientInference(method="mirror", lr=1.0, momentum=0.95, max_iter=200, rel_tol=0, abs_tol=0)
+    traj = []
+    res = inf.minimise(lambda y: traj.append(y.detach().clone()) or (slope * y).sum(-1), torch.full((8, 10), 0.5))
+    ys = torch.stack(traj)
+    assert ((ys > 0) & (ys < 1)).all() and ((res.y > 0) & (res.y < 1)).all()
+    assert ((res.y > 0.5) == (slope < 0)).all()  # and it still moved the right way
+
+
+def test_converged_examples_are_frozen_and_batch_stops_at_fraction():
+    # Example 0 starts at its minimum (converges at once); example 1 needs many steps.
+    target = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    inf = GradientInference(method="projected", lr=0.001, momentum=0.0, max_iter=500, rel_tol=0,
+                            abs_tol=1e-5, stop_fraction=0.5)
+    res = inf.minimise(quadratic(target), torch.full_like(target, 0.5))
+    assert res.iterations == 2  # the first check that can see a change, then half the batch is done
+    assert res.converged.tolist() == [True, False]
+    assert torch.equal(res.y[0], torch.tensor([0.5, 0.5]))
+
+
+def test_entropy_smoothing_with_local_energy_recovers_sigmoid():
+    # min_ȳ -Σ ȳ_i s_i - τ H(ȳ) has the closed form ȳ = σ(s/τ): the smoothing of SPEN §A.4.
+    torch.manual_seed(0)
+    model = SPEN(5, MLP(3, []), partial(LocalEnergy), None)
+    feats = model.features(torch.randn(4, 3))
+    inf = GradientInference(lr=0.5, momentum=0.5, max_iter=3000, rel_tol=0, abs_tol=1e-9,
+                            entropy_temperature=2.0, init="constant")
+    res = inf(model, feats)
+    assert torch.allclose(res.y, torch.sigmoid(feats.logits / 2.0), atol=1e-4)
+    # inside learning (train=True) there is no smoothing: the solution is pushed to the corners
+    hard = inf(model, feats, train=True).y
+    assert ((hard > 0.99) | (hard < 0.01)).all()
+
+
+def test_inference_computes_no_parameter_gradients():
+    torch.manual_seed(0)
+    model = SPEN(4, MLP(3, [5]), partial(LocalEnergy), partial(GlobalEnergy, measurements=2))
+    feats = model.features(torch.randn(2, 3))
+    GradientInference(max_iter=5)(model, feats)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_rejects_unknown_method():
+    from dsp.errors import DspError
+
+    with pytest.raises(DspError, match="inference.method"):
+        GradientInference(method="newton")

@@ -1,0 +1,53 @@
+from functools import partial
+
+import pytest
+import torch
+
+from dsp.models.spen import SPEN, GlobalEnergy, LocalEnergy
+from dsp.nn.mlp import MLP
+
+
+def make_spen(activation="softplus", conditional=False, hidden=(), dtype=torch.float64):
+    torch.manual_seed(0)
+    model = SPEN(
+        num_labels=6,
+        feature_net=MLP(5, [7, 4], activation="relu"),
+        local_energy=partial(LocalEnergy),
+        global_energy=partial(GlobalEnergy, measurements=3, hidden=list(hidden), activation=activation,
+                              conditional=conditional),
+    )
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("activation,conditional,hidden", [
+    ("softplus", False, ()), ("softplus", True, ()), ("softplus", False, (4,)), ("tanh", True, (3,)),
+])
+def test_energy_passes_finite_difference_check_in_y_and_parameters(activation, conditional, hidden):
+    model = make_spen(activation, conditional, hidden)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    y = torch.rand(3, 6, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in model.named_parameters()]
+
+    def energy(y, *params):  # E(x, ȳ) as a pure function of ȳ and every parameter tensor
+        return torch.func.functional_call(model, dict(zip(names, params)), (x, y))
+
+    inputs = (y,) + tuple(p.detach().clone().requires_grad_(True) for _, p in model.named_parameters())
+    assert torch.autograd.gradcheck(energy, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_energy_matches_the_formula_by_hand():
+    model = make_spen()
+    x, y = torch.randn(2, 5, dtype=torch.float64), torch.rand(2, 6, dtype=torch.float64)
+    f = model.feature_net(x)
+    logits = f @ model.local_energy.linear.weight.T + model.local_energy.linear.bias
+    g = model.global_energy
+    glob = torch.nn.functional.softplus(y @ g.measure.weight.T + g.measure.bias) @ g.out.weight.T
+    expected = -(y * logits).sum(-1) + glob.squeeze(-1)
+    assert torch.allclose(model.energy(y, model.features(x)), expected)
+
+
+def test_mlp_baseline_has_no_global_energy_and_reads_probs_off_logits():
+    model = SPEN(4, MLP(3, [5]), partial(LocalEnergy), None)
+    feats = model.features(torch.randn(2, 3))
+    assert not model.is_structured
+    assert torch.allclose(model.local_probs(feats), torch.sigmoid(feats.logits))
