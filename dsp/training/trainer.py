@@ -40,6 +40,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def peak_memory_mb(device: torch.device) -> dict:
+    """Peak resident memory of this process (and peak CUDA allocation on a GPU), in MiB."""
+    import resource
+
+    out = {"train/peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["train/peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 class Trainer:
     def __init__(self, cfg, model, inference, stages: list[Stage], data, run_dir, device, config_dict, seed):
         self.cfg, self.model, self.inference, self.stages = cfg, model.to(device), inference, stages
@@ -107,6 +117,7 @@ class Trainer:
             metrics = self.final_metrics()
             metrics["train/time_s"] = round(time.time() - start_time, 3)
             metrics["train/epochs"] = self.global_epoch
+            metrics.update(peak_memory_mb(self.device))
             writer.add_hparams(self.hparams(), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
         finally:
             writer.close()
