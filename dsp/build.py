@@ -6,29 +6,40 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dsp.errors import DspError
 from dsp.training.checkpoint import load_checkpoint
 
 
+def instantiate(node, key: str):
+    """hydra.utils.instantiate, with errors that name the config key (and no wrapped traceback)."""
+    try:
+        return hydra.utils.instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, DspError):  # our own message, already clear
+            raise err.__cause__ from None
+        raise DspError(f"could not build `{key}` from the config: {err}") from None
+
+
 def build_data(cfg: DictConfig):
-    data = hydra.utils.instantiate(cfg.data)
+    data = instantiate(cfg.data, "data")
     with open_dict(cfg):  # the model's YAML reads the sizes through ${dims.*}
         cfg.dims = {"num_features": data.num_features, "num_labels": data.num_labels}
     return data
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
-    return hydra.utils.instantiate(cfg.model)
+    return instantiate(cfg.model, "model")
 
 
 def build_inference(cfg: DictConfig):
-    return hydra.utils.instantiate(cfg.inference)
+    return instantiate(cfg.inference, "inference")
 
 
 def build_objective(cfg: DictConfig):
-    return hydra.utils.instantiate(cfg.objective)
+    return instantiate(cfg.objective, "objective")
 
 
 @dataclass
@@ -43,7 +54,7 @@ class LoadedRun:
     checkpoint: dict
 
     def data(self):
-        return hydra.utils.instantiate(self.config.data)
+        return instantiate(self.config.data, "data")
 
 
 def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device = "cpu") -> LoadedRun:

@@ -144,3 +144,15 @@ def test_eval_without_or_with_a_corrupted_checkpoint_says_so(tmp_path):
     (tmp_path / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
     proc = run_cli("dsp-eval", f"run_dir={tmp_path}")
     assert proc.returncode == 2 and "corrupted" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_multirun_sweep_gives_each_job_a_folder_and_survives_a_failed_job(tmp_path):
+    # job 0 has an impossible label count and fails; job 1 must still train
+    tr, te, xml = write_mulan(tmp_path / "mulan" / "tiny")
+    sweep = tmp_path / "sweep"
+    proc = run_cli("dsp-train", "-m", *QUICK, "data=mulan", f"data.train={tr}", f"data.test={te}",
+                   f"data.labels_xml={xml}", "data.num_labels=9,null", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    assert "job 0" in proc.stderr and "num_labels=9" in proc.stderr and "Traceback" not in proc.stderr
+    assert (sweep / "1" / "metrics.json").is_file() and not (sweep / "0" / "metrics.json").exists()
+    assert (sweep / "1" / ".hydra" / "config.yaml").is_file()

@@ -5,7 +5,6 @@ import functools
 import sys
 from importlib import resources
 
-from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 from dsp.errors import DspError
@@ -28,9 +27,6 @@ def user_errors(fn):
             sys.exit(2)
         except OmegaConfBaseException as err:
             print(f"error: bad configuration: {err}", file=sys.stderr)
-            sys.exit(2)
-        except InstantiationException as err:  # e.g. a `_target_` argument that does not exist
-            print(f"error: could not build an object from the config: {err}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted: checkpoints written so far are intact", file=sys.stderr)

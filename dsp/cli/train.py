@@ -1,13 +1,16 @@
 """dsp-train: build data, model, inference and objective from the Hydra config and train."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dsp.build import build_data, build_inference, build_model, build_objective
+from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training.stages import build_stages
 from dsp.training.trainer import Trainer, resolve_device, set_seed
@@ -28,8 +31,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 @user_errors
 def _main(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics = train(cfg, run_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        metrics = train(cfg, run_dir)
+    except DspError as err:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        # In a sweep one failed job is reported and the others go on.
+        print(f"error: job {hydra_cfg.job.num} ({run_dir}) failed: {err}", file=sys.stderr)
+        return float("nan")
     print(f"run folder: {run_dir}")
     print_table(metrics, "final metrics (best checkpoint, validation-tuned threshold):")
     # The sweep objective (Optuna and friends maximise the validation metric).

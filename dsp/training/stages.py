@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
+from dsp.build import instantiate
 from dsp.errors import DspError
 
 STAGE_KEYS = {
@@ -66,7 +66,7 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
             raise DspError(f"trainer.stages.{name}: unknown key(s) {sorted(unknown)}; known: {sorted(STAGE_KEYS)}")
         get = lambda key: spec.get(key) if spec.get(key) is not None else trainer_cfg.get(key)  # noqa: E731
         obj_cfg = spec.get("objective", "main")
-        objective = main_objective if obj_cfg in (None, "main") else hydra.utils.instantiate(obj_cfg)
+        objective = main_objective if obj_cfg in (None, "main") else instantiate(obj_cfg, f"trainer.stages.{name}.objective")
         train = spec.get("train", "all")
         train = train if train == "all" else [str(t) for t in train]
         if train != "all":

@@ -4,8 +4,9 @@ stopping, crash-safe checkpoints, resume, TensorBoard and tqdm.
 Run folder (the contract other tools rely on):
     checkpoints/last.pt   every epoch        checkpoints/best.pt   on validation improvement
     tb/                   TensorBoard        metrics.json          final "<split>/<metric>" numbers
-best.pt tracks the best epoch of the current stage: each stage ends by restoring its best weights
-(early stopping), so after the last stage best.pt is the model that is evaluated.
+best.pt holds the best validation epoch of the current stage, where the model the stage starts
+from (epoch 0) counts too; each stage ends by restoring it (early stopping), so after the last stage
+best.pt is the model that is evaluated.
 """
 from __future__ import annotations
 
@@ -136,6 +137,12 @@ class Trainer:
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
             best, bad_epochs, first_epoch = resume["best_metric"], resume["bad_epochs"], resume["epoch"] + 1
+        else:
+            # The incoming model (epoch 0) is the stage's baseline: a stage that does not improve
+            # on the previous one's result leaves it in best.pt.
+            metrics, threshold, _ = self.validate(stage.predict)
+            best = metrics[self.cfg.monitor]
+            save_checkpoint(self._state(index, 0, best, 0, threshold, optimizer, scheduler), self.ckpt_dir / "best.pt")
         x, y = self.splits["train"]
         monitor, epoch = self.cfg.monitor, first_epoch - 1
         epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
@@ -190,11 +197,7 @@ class Trainer:
             save_checkpoint(state, self.ckpt_dir / "last.pt")
         tqdm.write(f"stage {stage.name}: best val {monitor} {best:.2f} after {epoch} epoch(s)")
         # Early stopping: continue from (and finish with) the stage's best weights.
-        best_path = self.ckpt_dir / "best.pt"
-        if best_path.is_file():
-            best_state = load_checkpoint(best_path, map_location=self.device)
-            if best_state["stage_index"] == index:
-                self.model.load_state_dict(best_state["model"])
+        self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
         self.model.requires_grad_(True)
 
     def _freeze_modes(self, stage: Stage) -> None:

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from dsp.build import build_data, build_model, build_objective
+from dsp.cli.common import config_dir
+from dsp.errors import DspError
+from dsp.tasks.multilabel import decode, tune_threshold
+from dsp.training.checkpoint import load_checkpoint, save_checkpoint
+from dsp.training.stages import build_stages
+
+
+def test_threshold_tuning_picks_the_best_grid_point():
+    soft = torch.tensor([[0.9, 0.35, 0.1], [0.31, 0.8, 0.25]])
+    target = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    # mean example F1: t=0.2 -> (1 + 0.8)/2 = 0.9; t=0.3 -> (1 + 1)/2 = 1; t=0.5 -> (2/3 + 2/3)/2
+    assert tune_threshold(soft, target, grid=[0.2, 0.3, 0.5]) == 0.3
+    assert decode(soft, 0.5).tolist() == [[1, 0, 0], [0, 1, 0]]
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("config", overrides=["data.num_train=32", "data.num_val=16", "data.num_test=16", *overrides])
+
+
+def test_staged_training_trains_only_the_named_modules():
+    cfg = compose_cfg("trainer=staged")
+    build_data(cfg)
+    model = build_model(cfg)
+    stages = build_stages(cfg.trainer, build_objective(cfg), model)
+    assert [s.name for s in stages] == ["local", "global", "joint"]
+    global_params = stages[1].parameters(model)
+    assert {id(p) for p in global_params} == {id(p) for p in model.global_energy.parameters()}
+    assert not any(p.requires_grad for p in model.local_energy.parameters())
+    assert stages[0].predict == "local" and stages[2].lr == pytest.approx(1e-4)
+    stages[2].parameters(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_stage_errors_name_the_key():
+    cfg = compose_cfg("trainer=staged", "+trainer.stages.global.lrr=1")
+    build_data(cfg)
+    model = build_model(cfg)
+    with pytest.raises(DspError, match=r"trainer.stages.global.*lrr"):
+        build_stages(cfg.trainer, build_objective(cfg), model)
+    cfg = compose_cfg("trainer=staged", "trainer.stages.global.train=[decoder]")
+    with pytest.raises(DspError, match=r"decoder.*feature_net"):
+        build_stages(cfg.trainer, build_objective(cfg), model)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {}, "config": {}, "epoch": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {}, "config": {}, "epoch": 2}, path)
+    assert load_checkpoint(path)["epoch"] == 1  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # and no temporary file is left
