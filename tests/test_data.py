@@ -74,3 +74,13 @@ def test_synthetic_is_deterministic_and_block_exclusive():
     z = torch.tensor([[0.1, 0.5, -1.0, 0.2, 3.0, 2.0, 1.0, 0.0]])
     assert block_exclusive_labels(z, 4).tolist() == [[0, 1, 0, 0, 1, 0, 0, 0]]
     assert not torch.equal(make_block_exclusive(50, 10, 20, seed=1).train.tensors[0], a.train.tensors[0])
+
+
+def test_single_file_dataset_gets_a_fixed_test_split(tiny_mulan):
+    tr, _, xml = tiny_mulan
+    a = load_mulan(str(tr), None, str(xml), test_size=20, val_fraction=0.25, cache_dir="")
+    b = load_mulan(str(tr), None, str(xml), test_size=20, val_fraction=0.25, cache_dir="")
+    assert (len(a.train), len(a.val), len(a.test)) == (30, 10, 20)
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0])
+    with pytest.raises(DspError, match="test_size"):
+        load_mulan(str(tr), None, str(xml), cache_dir="")

@@ -128,23 +128,36 @@ def _split_features_labels(mat, names, path, label_names, num_labels, label_posi
 
 def load_mulan(
     train: str,
-    test: str,
+    test: str | None,
     labels_xml: str | None = None,
     num_labels: int | None = None,
     label_position: str = "end",
     val_fraction: float = 0.2,
     split_seed: int = 0,
     cache_dir: str | None = None,
+    test_size: float | int | None = None,
 ) -> MultiLabelSplits:
-    """Load a Mulan dataset: official train/test files, validation carved from train."""
+    """Load a Mulan dataset: official train/test files, validation carved from train.
+
+    A dataset that Mulan ships as one file (bookmarks) gives `test=None` and `test_size`: a count
+    or a fraction of the examples held out as the test split with a fixed seed.
+    """
     label_names = read_label_names(labels_xml) if labels_xml else None
     arrays = {}
-    for split, path in (("train", train), ("test", test)):
+    files = (("train", train),) if test is None else (("train", train), ("test", test))
+    for split, path in files:
         mat, names = cached_arrays(path, parse_arff, cache_dir)
         x, y, lnames = _split_features_labels(mat, names, path, label_names, num_labels, label_position)
         if not np.isin(y, (0.0, 1.0)).all():
             raise DspError(f"{path}: label columns hold values other than 0/1; check the label attributes")
         arrays[split] = (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
+    if test is None:
+        if test_size is None:
+            raise DspError("data.test is null, so data.test_size (a count or a fraction) must be set")
+        n = arrays["train"][0].shape[0]
+        fraction = test_size / n if test_size >= 1 else test_size
+        rest, held_out = holdout(*arrays["train"], fraction, split_seed + 1)
+        arrays["train"], arrays["test"] = rest.tensors, held_out.tensors
     if arrays["train"][0].shape[1] != arrays["test"][0].shape[1]:
         raise DspError(
             f"{train} has {arrays['train'][0].shape[1]} features but {test} has "

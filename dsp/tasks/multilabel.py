@@ -18,7 +18,7 @@ def evaluate(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 
 def tune_threshold(soft: torch.Tensor, target: torch.Tensor, grid=None) -> float:
     """The threshold on ȳ that maximises example F1 on (validation) data (SPEN §7.1)."""
-    grid = torch.linspace(0.05, 0.95, 19).tolist() if grid is None else grid
+    grid = [round(0.05 * i, 2) for i in range(1, 20)] if grid is None else grid
     scores = [M.example_f1(decode(soft, t), target) for t in grid]
     return float(grid[max(range(len(grid)), key=scores.__getitem__)])
 

@@ -67,7 +67,7 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
         get = lambda key: spec.get(key) if spec.get(key) is not None else trainer_cfg.get(key)  # noqa: E731
         obj_cfg = spec.get("objective", "main")
         objective = main_objective if obj_cfg in (None, "main") else instantiate(obj_cfg, f"trainer.stages.{name}.objective")
-        train = spec.get("train", "all")
+        train = spec.get("train") or "all"
         train = train if train == "all" else [str(t) for t in train]
         if train != "all":
             missing = [t for t in train if t not in children]
@@ -76,10 +76,10 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
                     f"trainer.stages.{name}.train names {missing}, which the model does not have; "
                     f"the model's parts are {sorted(children)}"
                 )
-        predict = spec.get("predict", "inference")
+        predict = spec.get("predict") or "inference"
         if predict not in ("inference", "local"):
             raise DspError(f"trainer.stages.{name}.predict={predict!r}: choose 'inference' or 'local'")
-        max_epochs = spec.get("max_epochs", trainer_cfg.stage_epochs)
+        max_epochs = spec.get("max_epochs") or trainer_cfg.stage_epochs
         if trainer_cfg.max_epochs is not None:  # the run-wide cap reviewers use for quick checks
             max_epochs = min(max_epochs, trainer_cfg.max_epochs)
         out.append(Stage(
