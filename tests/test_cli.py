@@ -156,3 +156,15 @@ def test_multirun_sweep_gives_each_job_a_folder_and_survives_a_failed_job(tmp_pa
     assert "job 0" in proc.stderr and "num_labels=9" in proc.stderr and "Traceback" not in proc.stderr
     assert (sweep / "1" / "metrics.json").is_file() and not (sweep / "0" / "metrics.json").exists()
     assert (sweep / "1" / ".hydra" / "config.yaml").is_file()
+
+
+def test_training_into_a_finished_run_folder_is_refused_and_leaves_it_intact(tmp_path):
+    run = tmp_path / "run"
+    args = [*QUICK, *TINY_SYNTHETIC, "trainer=default", f"hydra.run.dir={run}"]
+    assert run_cli("dsp-train", *args).returncode == 0
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    metrics = (run / "metrics.json").read_text()
+    proc = run_cli("dsp-train", *args)
+    assert proc.returncode == 2 and "trainer.resume=true" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert (run / "metrics.json").read_text() == metrics

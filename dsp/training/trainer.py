@@ -95,10 +95,23 @@ class Trainer:
 
     def _resume_state(self):
         last = self.ckpt_dir / "last.pt"
-        if not (self.cfg.resume and last.is_file()):
+        if not self.cfg.resume:
+            if any(self.ckpt_dir.glob("*.pt")):  # never overwrite a finished or running run
+                raise DspError(
+                    f"{self.run_dir} already holds checkpoints; pass trainer.resume=true to continue "
+                    f"that run, or choose another hydra.run.dir"
+                )
             return None
+        if not last.is_file():
+            return None  # nothing to resume yet: start the run
         state = load_checkpoint(last, map_location=self.device)
-        self.model.load_state_dict(state["model"])
+        if state["stage_index"] >= len(self.stages) or state["stage"] != self.stages[state["stage_index"]].name:
+            raise DspError(f"{last} was written by stage {state['stage']!r}, which this config's "
+                           f"trainer.stages does not have at that position; resume with the run's own config")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise DspError(f"{last} does not fit the model of this config ({err}); resume with the run's own config") from None
         self.step, self.global_epoch = state["step"], state["global_epoch"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -109,8 +122,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------- train
     def fit(self) -> dict:
         start_time = time.time()
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=None)
         resume = self._resume_state()
+        writer = SummaryWriter(str(self.run_dir / "tb"))
         first_stage = resume["stage_index"] if resume else 0
         try:
             for i in range(first_stage, len(self.stages)):
@@ -157,6 +170,7 @@ class Trainer:
             perm = torch.randperm(x.shape[0], generator=gen).to(self.device)
             batches = tqdm(range(0, x.shape[0], stage.batch_size), desc=f"epoch {epoch}",
                            disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+            running = None
             for start in batches:
                 idx = perm[start : start + stage.batch_size]
                 loss, logs = stage.objective.loss(self.model, self.inference, x[idx], y[idx])
@@ -173,7 +187,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 optimizer.step()
                 self.step += 1
-                batches.set_postfix(loss=f"{value:.4f}")
+                running = value if running is None else 0.9 * running + 0.1 * value
+                batches.set_postfix(loss=f"{running:.4f}")
                 if self.step % self.cfg.log_every == 0:
                     writer.add_scalar(f"train/loss_{stage.name}", value, self.step)
                     for k, v in logs.items():
