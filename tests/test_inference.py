@@ -74,3 +74,28 @@ def test_rejects_unknown_method():
 
     with pytest.raises(DspError, match="inference.method"):
         GradientInference(method="newton")
+
+
+def two_wells(center):
+    """E(ȳ) = -Σ (ȳ - c)²: minima at the corners, the deeper one farther from c."""
+    return lambda y: -((y - center) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("extra", [dict(restarts=8), dict(anneal_temperature=1.0, anneal_iters=100)])
+def test_restarts_and_annealing_escape_the_shallow_well(extra):
+    center = torch.tensor([[0.4], [0.35], [0.6]])  # deep wells at 1, 1, 0
+    start = torch.tensor([[0.3], [0.2], [0.7]])  # each start lies in the shallow well's basin
+    base = dict(method="mirror", lr=0.2, momentum=0.5, max_iter=400, rel_tol=0, abs_tol=1e-6)
+    plain = GradientInference(**base).minimise(two_wells(center), start)
+    assert (plain.y.round() == torch.tensor([[0.0], [0.0], [1.0]])).all()  # stuck in the shallow well
+    better = GradientInference(**base, **extra).minimise(two_wells(center), start)
+    assert (better.y.round() == torch.tensor([[1.0], [1.0], [0.0]])).all()
+    assert (better.objective < plain.objective).all()
+
+
+def test_restarts_are_deterministic():
+    center = torch.rand(5, 3)
+    inf = GradientInference(max_iter=50, restarts=3, restart_seed=7)
+    a = inf.minimise(two_wells(center), torch.full((5, 3), 0.5))
+    b = inf.minimise(two_wells(center), torch.full((5, 3), 0.5))
+    assert torch.equal(a.y, b.y)

@@ -34,6 +34,12 @@ def _logit(y: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.log(y) - torch.log1p(-y)
 
 
+def entropy(y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Σ_i H(ȳ_i) of independent Bernoullis -> [B]."""
+    y = y.clamp(eps, 1 - eps)
+    return -(y * y.log() + (1 - y) * torch.log1p(-y)).sum(-1)
+
+
 class GradientInference:
     """Minimise an energy over ȳ ∈ [0,1]^L by projected gradient or entropic mirror descent.
 
@@ -48,6 +54,12 @@ class GradientInference:
         init_value: the constant start for init="constant".
         entropy_temperature: test-time smoothing, minimise E(ȳ) - τ H(ȳ) (§A.4); 0 disables.
         check_every: iterations between convergence checks (each check syncs with the host).
+        restarts: extra starting points drawn uniformly in (0,1) (seeded by restart_seed, so
+            prediction is deterministic); per example the lowest final objective wins.
+        anneal_temperature, anneal_iters: continuation for non-convex energies: an extra entropy
+            term whose temperature falls linearly from anneal_temperature to 0 over the first
+            anneal_iters iterations, smoothing away shallow local minima; convergence is only
+            tested afterwards.
     """
 
     def __init__(
@@ -63,6 +75,10 @@ class GradientInference:
         init_value: float = 0.5,
         entropy_temperature: float = 0.0,
         check_every: int = 1,
+        restarts: int = 0,
+        restart_seed: int = 0,
+        anneal_temperature: float = 0.0,
+        anneal_iters: int = 0,
         eps: float = 1e-6,
     ):
         if method not in ("mirror", "projected"):
@@ -71,12 +87,14 @@ class GradientInference:
             raise DspError(f"inference.init={init!r}: choose 'local' or 'constant'")
         if not 0.0 < stop_fraction <= 1.0:
             raise DspError(f"inference.stop_fraction must be in (0, 1], got {stop_fraction}")
-        if max_iter < 1 or check_every < 1:
-            raise DspError("inference.max_iter and inference.check_every must be at least 1")
+        if max_iter < 1 or check_every < 1 or restarts < 0 or anneal_iters < 0:
+            raise DspError("inference.max_iter and check_every must be >= 1; restarts and anneal_iters >= 0")
         self.method, self.lr, self.momentum, self.max_iter = method, lr, momentum, max_iter
         self.rel_tol, self.abs_tol, self.stop_fraction = rel_tol, abs_tol, stop_fraction
         self.init, self.init_value = init, init_value
         self.entropy_temperature, self.check_every, self.eps = entropy_temperature, check_every, eps
+        self.restarts, self.restart_seed = restarts, restart_seed
+        self.anneal_temperature, self.anneal_iters = anneal_temperature, anneal_iters
 
     def initial(self, model, feats) -> torch.Tensor:
         if self.init == "local":
@@ -85,23 +103,47 @@ class GradientInference:
 
     def __call__(self, model, feats, augment: EnergyFn | None = None, y0=None, train: bool = False):
         """Minimise E(ȳ) [- augment(ȳ)] for a batch; `train=True` drops test-time smoothing."""
-        tau = 0.0 if train else self.entropy_temperature
         feats = feats.detach()
 
         def objective(y: torch.Tensor) -> torch.Tensor:
             f = model.energy(y, feats)
-            if augment is not None:
-                f = f - augment(y)
-            if tau > 0:
-                yc = y.clamp(self.eps, 1 - self.eps)
-                entropy = -(yc * yc.log() + (1 - yc) * torch.log1p(-yc)).sum(-1)
-                f = f - tau * entropy
-            return f  # [B]
+            return f if augment is None else f - augment(y)  # [B]
 
-        return self.minimise(objective, self.initial(model, feats) if y0 is None else y0.detach())
+        y0 = self.initial(model, feats) if y0 is None else y0.detach()
+        return self.minimise(objective, y0, temperature=0.0 if train else self.entropy_temperature)
 
-    def minimise(self, objective: EnergyFn, y0: torch.Tensor) -> InferenceResult:
-        """The optimisation loop itself, for any batched objective ȳ [B, L] -> [B]."""
+    def minimise(self, objective: EnergyFn, y0: torch.Tensor, temperature: float = 0.0) -> InferenceResult:
+        """Minimise objective(ȳ) - temperature·H(ȳ) over a batch ȳ [B, L] -> [B], with restarts."""
+        if self.restarts == 0:
+            return self._descend(objective, y0, temperature)
+        gen = torch.Generator(device=y0.device).manual_seed(self.restart_seed)
+        starts = [y0] + [torch.rand(y0.shape, generator=gen, device=y0.device, dtype=y0.dtype)
+                         for _ in range(self.restarts)]
+        # Every restart is one copy of the batch, solved together: [K*B, L].
+        batch = y0.shape[0]
+
+        def stacked(y: torch.Tensor) -> torch.Tensor:  # the objective knows the batch once
+            return torch.cat([objective(chunk) for chunk in y.split(batch)])
+
+        res = self._descend(stacked, torch.cat(starts), temperature)
+        k = len(starts)
+        best = res.objective.reshape(k, batch).argmin(0)  # [B]
+        pick = torch.arange(batch, device=y0.device)
+        return InferenceResult(
+            res.y.reshape(k, batch, -1)[best, pick], res.iterations,
+            res.converged.reshape(k, batch)[best, pick], res.objective.reshape(k, batch)[best, pick],
+        )
+
+    def _descend(self, objective: EnergyFn, y0: torch.Tensor, temperature: float) -> InferenceResult:
+        """The optimisation loop itself."""
+
+        def smoothed(y: torch.Tensor, it: int) -> torch.Tensor:
+            tau = temperature
+            if it <= self.anneal_iters:
+                tau = tau + self.anneal_temperature * (1 - it / max(1, self.anneal_iters))
+            f = objective(y)
+            return f - tau * entropy(y, self.eps) if tau > 0 else f
+
         y = y0.clamp(self.eps, 1 - self.eps) if self.method == "mirror" else y0.clamp(0, 1)
         z = _logit(y, self.eps) if self.method == "mirror" else None
         z_max = float(_logit(torch.tensor(1 - self.eps, dtype=torch.float64), 0.0))  # keeps ȳ in [eps, 1-eps]
@@ -112,7 +154,7 @@ class GradientInference:
         with torch.enable_grad():
             for it in range(1, self.max_iter + 1):
                 y_var = y.detach().requires_grad_(True)
-                f = objective(y_var)  # [B]
+                f = smoothed(y_var, it)  # [B]
                 (grad,) = torch.autograd.grad(f.sum(), y_var)
                 f = f.detach()
                 step_mask = active.unsqueeze(-1).to(y.dtype)  # [B, 1]: converged examples freeze
@@ -122,7 +164,7 @@ class GradientInference:
                     y_new = torch.sigmoid(z)
                 else:
                     y_new = (y - self.lr * velocity).clamp(0.0, 1.0)
-                if f_prev is not None:
+                if f_prev is not None and it > self.anneal_iters + 1:
                     done = torch.zeros_like(active)
                     if self.rel_tol > 0:
                         done |= (f - f_prev).abs() <= self.rel_tol * f_prev.abs()
@@ -133,5 +175,5 @@ class GradientInference:
                 if it % self.check_every == 0 and active.float().mean() <= 1 - self.stop_fraction + 1e-9:
                     break
         with torch.no_grad():
-            final = objective(y)
+            final = smoothed(y, self.max_iter + 1)
         return InferenceResult(y.detach(), it, ~active, final.detach())
