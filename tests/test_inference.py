@@ -3,6 +3,7 @@ from functools import partial
 import pytest
 import torch
 
+from dsp.errors import DspError
 from dsp.inference.gradient import GradientInference
 from dsp.models.spen import SPEN, GlobalEnergy, LocalEnergy
 from dsp.nn.mlp import MLP
@@ -99,3 +100,18 @@ def test_restarts_are_deterministic():
     a = inf.minimise(two_wells(center), torch.full((5, 3), 0.5))
     b = inf.minimise(two_wells(center), torch.full((5, 3), 0.5))
     assert torch.equal(a.y, b.y)
+
+
+def test_predict_overrides_apply_when_predicting_only():
+    torch.manual_seed(0)
+    model = SPEN(6, MLP(4, [5]), partial(LocalEnergy), partial(GlobalEnergy, measurements=3))
+    feats = model.features(torch.randn(2, 4))
+    inf = GradientInference(max_iter=3, rel_tol=0, abs_tol=0, predict={"max_iter": 7})
+    assert inf(model, feats, train=True).iterations == 3  # learning keeps the base settings
+    assert inf(model, feats).iterations == 7  # prediction uses the overrides
+    assert inf.predictor.max_iter == 7 and inf.predictor.lr == inf.lr  # the rest is inherited
+
+
+def test_predict_override_with_unknown_key_names_it():
+    with pytest.raises(DspError, match="inference.predict.*'max_iters'"):
+        GradientInference(predict={"max_iters": 7})

@@ -60,6 +60,9 @@ class GradientInference:
             term whose temperature falls linearly from anneal_temperature to 0 over the first
             anneal_iters iterations, smoothing away shallow local minima; convergence is only
             tested afterwards.
+        predict: overrides of any of the settings above that apply only when predicting
+            (validation, test, dsp-eval), never inside learning: e.g. more restarts or a tighter
+            tolerance, which pay off at test time but slow every training step.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class GradientInference:
         anneal_temperature: float = 0.0,
         anneal_iters: int = 0,
         eps: float = 1e-6,
+        predict: dict | None = None,
     ):
         if method not in ("mirror", "projected"):
             raise DspError(f"inference.method={method!r}: choose 'mirror' or 'projected'")
@@ -95,6 +99,13 @@ class GradientInference:
         self.entropy_temperature, self.check_every, self.eps = entropy_temperature, check_every, eps
         self.restarts, self.restart_seed = restarts, restart_seed
         self.anneal_temperature, self.anneal_iters = anneal_temperature, anneal_iters
+        self.predictor = self
+        if predict:
+            settings = {k: v for k, v in vars(self).items() if k != "predictor"}
+            unknown = set(predict) - set(settings)
+            if unknown:
+                raise DspError(f"inference.predict: unknown key(s) {sorted(unknown)}; known: {sorted(settings)}")
+            self.predictor = GradientInference(**{**settings, **dict(predict)})
 
     def initial(self, model, feats) -> torch.Tensor:
         if self.init == "local":
@@ -102,7 +113,10 @@ class GradientInference:
         return torch.full_like(feats.logits, self.init_value).detach()
 
     def __call__(self, model, feats, augment: EnergyFn | None = None, y0=None, train: bool = False):
-        """Minimise E(ȳ) [- augment(ȳ)] for a batch; `train=True` drops test-time smoothing."""
+        """Minimise E(ȳ) [- augment(ȳ)] for a batch; `train=True` drops the prediction-time
+        settings (entropy smoothing and the `predict` overrides)."""
+        if not train and self.predictor is not self:
+            return self.predictor(model, feats, augment, y0)
         feats = feats.detach()
 
         def objective(y: torch.Tensor) -> torch.Tensor:
