@@ -42,6 +42,14 @@ def build_objective(cfg: DictConfig):
     return instantiate(cfg.objective, "objective")
 
 
+def match_inference(inference, objective) -> None:
+    """Let an inference routine with a choice to make (chain decoding, method=auto) follow the
+    objective it was trained with."""
+    match = getattr(inference, "match", None)
+    if match is not None:
+        match(objective)
+
+
 @dataclass
 class LoadedRun:
     """A trained run: its config, model (eval mode), inference routine and decision threshold."""
@@ -49,7 +57,7 @@ class LoadedRun:
     config: DictConfig
     model: torch.nn.Module
     inference: object
-    threshold: float
+    threshold: float | None  # multi-label decision threshold; None for tasks without one
     predict_mode: str
     checkpoint: dict
 
@@ -71,4 +79,6 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
     except RuntimeError as err:
         raise DspError(f"checkpoint {path} does not fit the model its config describes: {err}") from None
     model.to(device).eval()
-    return LoadedRun(cfg, model, build_inference(cfg), float(state["threshold"]), state["predict"], state)
+    inference = build_inference(cfg)
+    match_inference(inference, build_objective(cfg))
+    return LoadedRun(cfg, model, inference, None if state["threshold"] is None else float(state["threshold"]), state["predict"], state)

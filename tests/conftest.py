@@ -48,3 +48,26 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DSP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("DSP_OUTPUT_DIR", str(tmp_path / "outputs"))
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def write_ocr(path: Path, words_per_fold: int = 6, folds: int = 4, seed: int = 0) -> Path:
+    """A tiny letter.data.gz in Taskar's format: random words over `folds` folds, each letter's
+    16×8 image a noisy class template, so a letter network can learn something in a few steps."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    templates = rng.random((26, 128)) < 0.3
+    lines, letter_id, word_id = [], 1, 1
+    for fold in range(folds):
+        for _ in range(words_per_fold):
+            length = int(rng.integers(1, 6))
+            for pos in range(1, length + 1):
+                k = int(rng.integers(0, 26))
+                pixels = (templates[k] ^ (rng.random(128) < 0.05)).astype(int)
+                nxt = letter_id + 1 if pos < length else -1
+                lines.append("\t".join(map(str, [letter_id, chr(97 + k), nxt, word_id, pos, fold, *pixels])))
+                letter_id += 1
+            word_id += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    return path

@@ -1,7 +1,8 @@
 """dsp-eval run_dir=DIR [split=test] [ckpt=best]: re-evaluate a trained run's checkpoint.
 
-Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz (pred and target as
-uint8 [N, L], score as float32 [N, L]) and prints the metrics.
+Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz and prints the
+metrics. Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
+int64 [N, T] padded with -1, lengths [N], labels (index -> tag name).
 """
 from __future__ import annotations
 
@@ -14,26 +15,21 @@ from omegaconf import DictConfig
 
 from dsp.build import load_run
 from dsp.cli.common import config_dir, print_table, user_errors
-from dsp.tasks import multilabel as task
+from dsp.tasks import task_for
 from dsp.training.checkpoint import _atomic, write_json
-from dsp.training.predict import predict_soft
 from dsp.training.trainer import resolve_device
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", device="cpu", batch_size=1024):
     """Evaluate a run folder's checkpoint on one split; returns (metrics, arrays)."""
     run = load_run(run_dir, ckpt=ckpt, device=device)
-    x, y = (t.to(device) for t in run.data().split(split).tensors)
-    soft, iters = predict_soft(run.model, run.inference, x, batch_size, run.predict_mode)
-    pred = task.decode(soft, run.threshold)
-    metrics = {f"{split}/{k}": v for k, v in task.evaluate(pred, y).items()}
+    data = run.data()
+    task = task_for(data)
+    x, y = (t.to(device) for t in data.split(split).tensors)
+    out, iters = task.predict(run.model, run.inference, x, y, batch_size, run.predict_mode)
+    metrics = {f"{split}/{k}": v for k, v in task.evaluate(out, y, run.threshold).items()}
     metrics[f"{split}/inference_iters"] = iters
-    arrays = {
-        "pred": pred.cpu().numpy().astype(np.uint8),
-        "target": y.cpu().numpy().astype(np.uint8),
-        "score": soft.cpu().numpy().astype(np.float32),
-    }
-    return metrics, arrays
+    return metrics, task.arrays(out, y, run.threshold)
 
 
 def save_npz(arrays: dict, path: Path) -> None:

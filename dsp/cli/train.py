@@ -9,11 +9,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dsp.build import build_data, build_inference, build_model, build_objective
+from dsp.build import build_data, build_inference, build_model, build_objective, match_inference
 from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training.stages import build_stages
 from dsp.training.trainer import Trainer, resolve_device, set_seed
+
+
+class RunMetrics(dict):
+    """The final "<split>/<metric>" numbers of a run, and which metric early stopping monitored."""
+
+    def __init__(self, metrics: dict, monitor: str):
+        super().__init__(metrics)
+        self.monitor = monitor
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -23,10 +31,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     data = build_data(cfg)
     model = build_model(cfg)
     inference = build_inference(cfg)
-    stages = build_stages(cfg.trainer, build_objective(cfg), model)
+    objective = build_objective(cfg)
+    match_inference(inference, objective)
+    stages = build_stages(cfg.trainer, objective, model)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     trainer = Trainer(cfg.trainer, model, inference, stages, data, run_dir, device, config_dict, cfg.seed)
-    return trainer.fit()
+    return RunMetrics(trainer.fit(), monitor=trainer.monitor)
 
 
 @user_errors
@@ -44,7 +54,7 @@ def _main(cfg: DictConfig) -> float:
     print(f"run folder: {run_dir}")
     print_table(metrics, "final metrics (best checkpoint, validation-tuned threshold):")
     # The sweep objective (Optuna and friends maximise the validation metric).
-    return metrics.get(f"val/{cfg.trainer.monitor}", float("nan"))
+    return metrics.get(f"val/{metrics.monitor}", float("nan"))
 
 
 def main() -> None:

@@ -1,0 +1,13 @@
+"""Output spaces: how predictions are made, decoded, scored and saved for each kind of data."""
+from __future__ import annotations
+
+
+def task_for(data):
+    """The task of a loaded dataset: sequences (OCR, chunking) or multi-label vectors."""
+    from dsp.data.sequences import SequenceSplits
+    from dsp.tasks.multilabel import MultiLabelTask
+    from dsp.tasks.sequence import SequenceTask
+
+    if isinstance(data, SequenceSplits):
+        return SequenceTask(data.label_names)
+    return MultiLabelTask()

@@ -1,6 +1,7 @@
 """The multi-label output space: decoding the relaxation, metrics, the SSVM surrogate losses."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dsp import metrics as M
@@ -42,3 +43,28 @@ def delta_fn(name: str):
         return DELTAS[name]
     except KeyError:
         raise DspError(f"objective.delta={name!r}: choose one of {', '.join(DELTAS)}") from None
+
+
+class MultiLabelTask:
+    """What the trainer and dsp-eval need to know of multi-label outputs: predictions are relaxed
+    ȳ [N, L], decoded by a threshold that is tuned on validation data (or fixed)."""
+
+    main_metric = "example_f1"
+
+    def predict(self, model, inference, x, y, batch_size: int, mode: str):
+        from dsp.training.predict import predict_soft
+
+        return predict_soft(model, inference, x, batch_size, mode)
+
+    def calibrate(self, soft, y, setting) -> float:
+        return tune_threshold(soft, y) if setting == "tune" else float(setting)
+
+    def evaluate(self, soft, y, threshold) -> dict[str, float]:
+        return evaluate(decode(soft, threshold), y)
+
+    def arrays(self, soft, y, threshold) -> dict[str, np.ndarray]:
+        return {
+            "pred": decode(soft, threshold).cpu().numpy().astype(np.uint8),  # [N, L]
+            "target": y.cpu().numpy().astype(np.uint8),  # [N, L]
+            "score": soft.cpu().numpy().astype(np.float32),  # [N, L]
+        }

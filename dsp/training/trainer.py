@@ -21,9 +21,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dsp.errors import DspError
-from dsp.tasks import multilabel as task
+from dsp.tasks import task_for
 from dsp.training.checkpoint import load_checkpoint, save_checkpoint, write_json
-from dsp.training.predict import predict_soft
+from dsp.training.scaling import choose_unary_scale
 from dsp.training.stages import Stage
 
 
@@ -56,6 +56,9 @@ class Trainer:
         self.cfg, self.model, self.inference, self.stages = cfg, model.to(device), inference, stages
         self.data, self.run_dir, self.device = data, Path(run_dir), device
         self.config_dict, self.seed = config_dict, seed
+        self.task = task_for(data)
+        # trainer.monitor=auto: the task's headline metric (example_f1, char_acc, chunk_f1)
+        self.monitor = self.task.main_metric if cfg.monitor in (None, "auto") else cfg.monitor
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.splits = {s: tuple(t.to(device) for t in data.split(s).tensors) for s in ("train", "val", "test")}
         self.step = 0
@@ -64,13 +67,16 @@ class Trainer:
     # ----------------------------------------------------------------------------------- eval
     def predict(self, split: str, mode: str):
         x, y = self.splits[split]
-        soft, iters = predict_soft(self.model, self.inference, x, self.cfg.eval_batch_size, mode)
-        return soft, y, iters
+        out, iters = self.task.predict(self.model, self.inference, x, y, self.cfg.eval_batch_size, mode)
+        return out, y, iters
 
     def validate(self, mode: str):
-        soft, y, iters = self.predict("val", mode)
-        threshold = task.tune_threshold(soft, y) if self.cfg.threshold == "tune" else float(self.cfg.threshold)
-        metrics = task.evaluate(task.decode(soft, threshold), y)
+        out, y, iters = self.predict("val", mode)
+        threshold = self.task.calibrate(out, y, self.cfg.threshold)
+        metrics = self.task.evaluate(out, y, threshold)
+        if self.monitor not in metrics:
+            raise DspError(f"trainer.monitor={self.monitor!r} is not a metric of this task; "
+                           f"choose one of {sorted(metrics)} (or auto)")
         return metrics, threshold, iters
 
     # ---------------------------------------------------------------------------- checkpoints
@@ -154,10 +160,10 @@ class Trainer:
             # The incoming model (epoch 0) is the stage's baseline: a stage that does not improve
             # on the previous one's result leaves it in best.pt.
             metrics, threshold, _ = self.validate(stage.predict)
-            best = metrics[self.cfg.monitor]
+            best = metrics[self.monitor]
             save_checkpoint(self._state(index, 0, best, 0, threshold, optimizer, scheduler), self.ckpt_dir / "best.pt")
         x, y = self.splits["train"]
-        monitor, epoch = self.cfg.monitor, first_epoch - 1
+        monitor, epoch = self.monitor, first_epoch - 1
         epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
                       disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
         for epoch in epochs:
@@ -196,6 +202,10 @@ class Trainer:
                 if self._out_of_steps():
                     break
             self.global_epoch += 1
+            if self.cfg.get("online_scaling"):  # Algorithm 1 of the scaling paper: α after every epoch
+                scaling = dict(self.cfg.online_scaling)
+                for k, v in choose_unary_scale(self.model, stage.objective, x, y, seed=self.seed, **scaling).items():
+                    writer.add_scalar(k, v, self.global_epoch)
             metrics, threshold, iters = self.validate(stage.predict)
             current = metrics[monitor]
             scheduler.step(current)
@@ -229,9 +239,15 @@ class Trainer:
         e = self.global_epoch
         for k, v in metrics.items():
             writer.add_scalar(f"val/{k}", v, e)
-        writer.add_scalar("val/threshold", threshold, e)
+        if threshold is not None:
+            writer.add_scalar("val/threshold", threshold, e)
         writer.add_scalar("val/inference_iters", iters, e)
         writer.add_scalar("lr", optimizer.param_groups[0]["lr"], e)
+        diagnostics = getattr(self.model, "diagnostics", None)
+        if diagnostics is not None:  # e.g. the CRF's unary / pairwise ratio (scaling paper, Fig. 1b)
+            x, y = (t[: self.cfg.eval_batch_size] for t in self.splits["train"])
+            for k, v in diagnostics(x, y).items():
+                writer.add_scalar(k, v, e)
         global_energy = getattr(self.model, "global_energy", None)
         if global_energy is not None:
             c1 = global_energy.measurement_matrix.detach().float().cpu()  # [M, L]
@@ -242,10 +258,10 @@ class Trainer:
         """Reload best.pt and evaluate val and test with its validation-tuned threshold."""
         state = load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
         self.model.load_state_dict(state["model"])
-        out = {"val/threshold": state["threshold"]}
+        out = {} if state["threshold"] is None else {"val/threshold": state["threshold"]}
         for split in ("val", "test"):
-            soft, y, iters = self.predict(split, state["predict"])
-            for k, v in task.evaluate(task.decode(soft, state["threshold"]), y).items():
+            pred, y, iters = self.predict(split, state["predict"])
+            for k, v in self.task.evaluate(pred, y, state["threshold"]).items():
                 out[f"{split}/{k}"] = v
             out[f"{split}/inference_iters"] = iters
         return out

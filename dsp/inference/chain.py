@@ -1,0 +1,193 @@
+"""Exact inference for the linear-chain CRF (Shevchenko & Osokin 2019, §4.1, Eq. 1-8).
+
+Score of a labelling (Eq. 1): s(y) = Σ_j U[j, y_j] + Σ_j W(y_j, y_{j+1}).
+
+Conventions (shared with every caller):
+  unary     [B, T, K]  float; positions j >= lengths[b] are padding and hold anything.
+  pairwise  [K, K] shared by all edges, or [B, T-1, K, K] per edge (edge j links j and j+1).
+  lengths   [B] int64 with 1 <= lengths[b] <= T.
+  labels    [B, T] int64 with -1 at padded positions.
+
+One primitive, the forward algorithm (`log_partition`), is written by hand; unary and pairwise
+marginals are its gradients w.r.t. unary and pairwise (the pytorch-struct idea), so they are
+exact, batched and differentiable for free. Every function loops over time only and is
+vectorised over batch and labels; padded steps are skipped with `torch.where` on the mask, which
+makes mixed lengths in one batch exact.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def mask_from_lengths(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """True at valid positions -> [B, T] bool."""
+    return torch.arange(T, device=lengths.device) < lengths[:, None]  # [B, T]
+
+
+def _check(unary: torch.Tensor, pairwise: torch.Tensor, lengths: torch.Tensor):
+    """Validate shapes/lengths; return (lengths on unary's device, mask [B, T])."""
+    if unary.dim() != 3:
+        raise ValueError(f"unary must have shape [B, T, K], got {tuple(unary.shape)}")
+    B, T, K = unary.shape
+    if pairwise.dim() == 2:
+        if pairwise.shape != (K, K):
+            raise ValueError(f"pairwise must have shape [K, K] = [{K}, {K}] (K from unary), "
+                             f"got {tuple(pairwise.shape)}")
+    elif pairwise.dim() == 4:
+        if pairwise.shape != (B, T - 1, K, K):
+            raise ValueError(f"pairwise must have shape [B, T-1, K, K] = [{B}, {T - 1}, {K}, {K}] "
+                             f"(from unary), got {tuple(pairwise.shape)}")
+    else:
+        raise ValueError(f"pairwise must have shape [K, K] or [B, T-1, K, K], got {tuple(pairwise.shape)}")
+    return _check_lengths(lengths, unary)
+
+
+def _check_lengths(lengths: torch.Tensor, unary: torch.Tensor):
+    B, T = unary.shape[:2]
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"lengths must have shape [B] = [{B}], got {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    lo, hi = int(lengths.min()), int(lengths.max())  # one host sync; cheap next to the T-loop
+    if lo < 1 or hi > T:
+        raise ValueError(f"lengths must lie in [1, T={T}], got min {lo} and max {hi}")
+    lengths = lengths.to(unary.device)
+    return lengths, mask_from_lengths(lengths, T)
+
+
+def _check_labels(labels: torch.Tensor, unary: torch.Tensor) -> None:
+    if labels.shape != unary.shape[:2]:
+        raise ValueError(f"labels must have shape [B, T] = {list(unary.shape[:2])}, got {tuple(labels.shape)}")
+
+
+def _clean(unary, pairwise, mask):
+    """Zero the padding so that garbage there (even inf/nan) cannot leak into values or gradients."""
+    unary = unary.masked_fill(~mask[..., None], 0.0)  # [B, T, K]
+    if pairwise.dim() == 4:
+        pairwise = pairwise.masked_fill(~mask[:, 1:, None, None], 0.0)  # [B, T-1, K, K]
+    return unary, pairwise
+
+
+def _edge(pairwise: torch.Tensor, j: int) -> torch.Tensor:
+    """Pairwise potentials of edge j (j, j+1): [K, K] or [B, K, K], both broadcast against [B, K, 1]."""
+    return pairwise if pairwise.dim() == 2 else pairwise[:, j]
+
+
+def sequence_score(labels, unary, pairwise, lengths) -> torch.Tensor:
+    """s(y) of the given labellings (Eq. 1), padding ignored -> [B]."""
+    lengths, mask = _check(unary, pairwise, lengths)
+    _check_labels(labels, unary)
+    unary, pairwise = _clean(unary, pairwise, mask)
+    K = unary.shape[-1]
+    y = labels.clamp_min(0)  # [B, T]; -1 padding becomes a harmless index, masked below
+    u = unary.gather(2, y[..., None]).squeeze(-1)  # [B, T]
+    if pairwise.dim() == 2:
+        w = pairwise[y[:, :-1], y[:, 1:]]  # [B, T-1]
+    else:
+        w = pairwise.flatten(2).gather(2, (y[:, :-1] * K + y[:, 1:])[..., None]).squeeze(-1)  # [B, T-1]
+    zero = unary.new_zeros(())
+    return torch.where(mask, u, zero).sum(1) + torch.where(mask[:, 1:], w, zero).sum(1)  # [B]
+
+
+def log_partition(unary, pairwise, lengths) -> torch.Tensor:
+    """log Z = log Σ_y exp s(y) by the forward algorithm in log space -> [B]."""
+    lengths, mask = _check(unary, pairwise, lengths)
+    unary, pairwise = _clean(unary, pairwise, mask)
+    alpha = unary[:, 0]  # [B, K]: log-sum over prefixes ending in each label
+    for t in range(1, unary.shape[1]):
+        nxt = torch.logsumexp(alpha[:, :, None] + _edge(pairwise, t - 1), dim=1) + unary[:, t]  # [B, K]
+        alpha = torch.where(mask[:, t, None], nxt, alpha)  # finished sequences keep their alpha
+    return torch.logsumexp(alpha, dim=-1)  # [B]
+
+
+def _grad_log_partition(unary, pairwise, lengths, wrt_unary: bool):
+    """∂ log Z / ∂unary (or ∂pairwise): exact marginals.
+
+    Works under torch.no_grad() at the call site (grad is re-enabled on detached leaf copies) and
+    keeps the graph (create_graph=True) when the caller can backpropagate through the result.
+    """
+    keep_graph = torch.is_grad_enabled() and (unary.requires_grad or pairwise.requires_grad)
+    with torch.enable_grad():
+        # A leaf copy for any input we differentiate w.r.t. that is not already in a graph.
+        if not (keep_graph and unary.requires_grad):
+            unary = unary.detach().requires_grad_(wrt_unary)
+        if not (keep_graph and pairwise.requires_grad):
+            pairwise = pairwise.detach().requires_grad_(not wrt_unary)
+        logz = log_partition(unary, pairwise, lengths)  # [B]
+        target = unary if wrt_unary else pairwise
+        # Summing over the batch is fine: example b's log Z depends only on example b's potentials.
+        (grad,) = torch.autograd.grad(logz.sum(), target, create_graph=keep_graph)
+    return grad
+
+
+def marginals(unary, pairwise, lengths) -> torch.Tensor:
+    """Unary marginals p_j(y_j) (Eq. 3) -> [B, T, K]; zero at padded positions."""
+    return _grad_log_partition(unary, pairwise, lengths, wrt_unary=True)  # [B, T, K]
+
+
+def pairwise_marginals(unary, pairwise, lengths) -> torch.Tensor:
+    """Edge marginals p(y_j, y_{j+1}) -> [B, T-1, K, K]; zero on padded edges."""
+    _check(unary, pairwise, lengths)
+    B, T, K = unary.shape
+    if T == 1:  # no edges: pairwise takes no part in log Z, so there is nothing to differentiate
+        return unary.new_zeros(B, 0, K, K)
+    if pairwise.dim() == 2:
+        # Differentiate w.r.t. a per-edge view: the gradient of the shared matrix would sum the edges.
+        pairwise = pairwise.expand(B, T - 1, K, K)  # [B, T-1, K, K]
+    return _grad_log_partition(unary, pairwise, lengths, wrt_unary=False)  # [B, T-1, K, K]
+
+
+def viterbi(unary, pairwise, lengths):
+    """MAP labelling by max-product with back-pointers -> (labels [B, T] int64, -1 padded; score [B])."""
+    lengths, mask = _check(unary, pairwise, lengths)
+    unary, pairwise = _clean(unary, pairwise, mask)
+    B, T, K = unary.shape
+    identity = torch.arange(K, device=unary.device).expand(B, K)  # [B, K]
+    delta = unary[:, 0]  # [B, K]: best prefix score ending in each label
+    pointers = []
+    for t in range(1, T):
+        best, arg = (delta[:, :, None] + _edge(pairwise, t - 1)).max(dim=1)  # [B, K], [B, K]
+        valid = mask[:, t, None]  # [B, 1]
+        delta = torch.where(valid, best + unary[:, t], delta)
+        # Identity pointers on padding: backtracking from T-1 then carries the last valid label
+        # unchanged down to position lengths-1, so one batched backward pass serves all lengths.
+        pointers.append(torch.where(valid, arg, identity))  # [B, K]
+    score, y = delta.max(dim=-1)  # [B], [B]
+    path = [y]
+    for ptr in reversed(pointers):
+        y = ptr.gather(1, y[:, None]).squeeze(1)  # [B]
+        path.append(y)
+    labels = torch.stack(path[::-1], dim=1).masked_fill(~mask, -1)  # [B, T]
+    return labels, score
+
+
+def nll(labels, unary, pairwise, lengths) -> torch.Tensor:
+    """Negative log-likelihood -log P(y | x) = log Z - s(y) (Eq. 4) -> [B]."""
+    return log_partition(unary, pairwise, lengths) - sequence_score(labels, unary, pairwise, lengths)
+
+
+def hamming_augment(unary, labels, lengths, weight: float = 1.0, normalise: bool = True) -> torch.Tensor:
+    """unary + weight·Δ-per-position: adds weight/len (Eq. 8; weight if not normalise) to every
+    wrong label at valid positions, so that s'(y) = s(y) + weight·Δ(y, y*) for loss-augmented Viterbi."""
+    if unary.dim() != 3:
+        raise ValueError(f"unary must have shape [B, T, K], got {tuple(unary.shape)}")
+    _check_labels(labels, unary)
+    B, T, K = unary.shape
+    lengths, mask = _check_lengths(lengths, unary)  # [B], [B, T]
+    wrong = torch.ones_like(unary).scatter(2, labels.clamp_min(0)[..., None], 0.0)  # [B, T, K]
+    scale = weight / lengths.to(unary) if normalise else unary.new_full((B,), weight)  # [B]
+    return unary + wrong * mask[..., None] * scale[:, None, None]  # [B, T, K]
+
+
+def ssvm_loss(labels, unary, pairwise, lengths, weight: float = 1.0) -> torch.Tensor:
+    """Structured hinge (Eq. 7): max_y [s(y) + weight·Δ(y, y*)] - s(y*) -> [B], >= 0.
+
+    The maximiser comes from loss-augmented Viterbi without a graph; the gradient then flows
+    through the scores of the two labellings (a subgradient of the hinge).
+    """
+    augmented = hamming_augment(unary, labels, lengths, weight)  # [B, T, K]
+    with torch.no_grad():
+        y_hat, _ = viterbi(augmented.detach(), pairwise.detach(), lengths)  # [B, T]
+    loss = sequence_score(y_hat, augmented, pairwise, lengths) - sequence_score(labels, unary, pairwise, lengths)
+    # Mathematically >= 0 (y* is a candidate); clamp only removes rounding below zero.
+    return loss.clamp_min(0.0)  # [B]

@@ -1,0 +1,47 @@
+"""Prediction for chain CRFs: Viterbi MAP, per-position argmax of exact or mean-field marginals,
+or argmax of the unaries alone. `method: auto` takes the decoding that matches the training
+objective (MAP for likelihood and SSVM, marginals for the cross-entropies), so switching
+`objective=` switches prediction too.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsp.errors import DspError
+from dsp.inference import chain
+from dsp.inference.gradient import InferenceResult
+from dsp.inference.mean_field import mean_field_marginals
+
+METHODS = ("viterbi", "marginals", "mean_field", "unary")
+
+
+class ChainDecoding:
+    def __init__(self, method: str = "auto", mean_field_sweeps: int = 5):
+        if method not in METHODS + ("auto",):
+            raise DspError(f"inference.method={method!r}: choose one of auto, {', '.join(METHODS)}")
+        self.method, self.sweeps = method, mean_field_sweeps
+
+    def match(self, objective) -> None:
+        """Resolve method=auto from the objective's `prediction` (called once the run is built)."""
+        if self.method == "auto":
+            self.method = getattr(objective, "prediction", "viterbi")
+            self.sweeps = getattr(objective, "sweeps", 0) or self.sweeps
+
+    def __call__(self, model, feats, lengths=None) -> InferenceResult:
+        u, w, lengths = feats.unary, feats.pairwise, feats.lengths
+        method = "viterbi" if self.method == "auto" else self.method
+        iterations = 1
+        with torch.no_grad():
+            if method == "viterbi":
+                labels, score = chain.viterbi(u, w, lengths)
+            else:
+                if method == "marginals":
+                    q = chain.marginals(u, w, lengths)
+                elif method == "mean_field":
+                    q, iterations = mean_field_marginals(u, w, lengths, sweeps=self.sweeps), self.sweeps
+                else:
+                    q = u
+                labels = q.argmax(-1)  # [B, T]
+                score = chain.sequence_score(labels.masked_fill(~chain.mask_from_lengths(lengths, u.shape[1]), -1), u, w, lengths)
+        done = torch.ones(u.shape[0], dtype=torch.bool, device=u.device)
+        return InferenceResult(labels, iterations, done, score)

@@ -1,0 +1,71 @@
+"""The sequence-labelling output space (OCR words, chunking): labels [N, T] padded with -1.
+
+Lengths are read off the targets' padding: a sequence's length is part of its input (how many
+letters or words it has), never predicted. Prediction is whatever the inference routine returns
+(Viterbi MAP or per-position argmax of marginals); mode="local" takes the argmax of the unaries
+(the unary-only stage of stage training).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dsp import metrics as M
+
+
+def lengths_of(y: torch.Tensor) -> torch.Tensor:
+    return (y >= 0).sum(-1)  # [N]
+
+
+def is_chunking(label_names) -> bool:
+    return any(str(n).startswith(("B-", "I-")) for n in label_names)
+
+
+class SequenceTask:
+    def __init__(self, label_names):
+        self.label_names = [str(n) for n in label_names]
+        self.chunking = is_chunking(self.label_names)
+        self.main_metric = "chunk_f1" if self.chunking else "char_acc"
+
+    def predict(self, model, inference, x, y, batch_size: int, mode: str):
+        """Labels [N, T] (-1 at padding) and the mean inference iterations per batch."""
+        was_training = model.training
+        model.eval()
+        outs, iters = [], []
+        try:
+            for start in range(0, x.shape[0], batch_size):
+                yb = y[start : start + batch_size]
+                lengths = lengths_of(yb)
+                with torch.no_grad():
+                    feats = model.features(x[start : start + batch_size], lengths)
+                    if mode == "local":
+                        labels, n = feats.unary.argmax(-1), 0  # [B, T]
+                    else:
+                        result = inference(model, feats, lengths)
+                        labels, n = result.y, result.iterations
+                outs.append(torch.where(yb >= 0, labels, torch.full_like(labels, -1)))
+                iters.append(n)
+        finally:
+            model.train(was_training)
+        return torch.cat(outs), sum(iters) / max(1, len(iters))
+
+    def calibrate(self, pred, y, setting):
+        return None  # nothing to tune: labels are decoded by the inference routine
+
+    def evaluate(self, pred, y, state=None) -> dict[str, float]:
+        out = {
+            "char_acc": M.char_accuracy(pred, y),
+            "letter_acc": M.letter_accuracy(pred, y),
+            "word_acc": M.word_accuracy(pred, y),
+        }
+        if self.chunking:
+            out["chunk_f1"] = M.chunk_f1(pred, y, self.label_names)
+        return out
+
+    def arrays(self, pred, y, state=None) -> dict[str, np.ndarray]:
+        return {
+            "pred": pred.cpu().numpy().astype(np.int64),  # [N, T], -1 at padding
+            "target": y.cpu().numpy().astype(np.int64),  # [N, T], -1 at padding
+            "lengths": lengths_of(y).cpu().numpy().astype(np.int64),  # [N]
+            "labels": np.array(self.label_names),  # index -> tag name
+        }
