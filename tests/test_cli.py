@@ -172,3 +172,23 @@ def test_training_into_a_finished_run_folder_is_refused_and_leaves_it_intact(tmp
     assert proc.returncode == 2 and "trainer.resume=true" in proc.stderr and "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     assert (run / "metrics.json").read_text() == metrics
+
+
+def test_chain_crf_train_then_eval_writes_sequence_predictions(tmp_path):
+    run = tmp_path / "run"
+    data = write_ocr(tmp_path / "ocr" / "letter.data.gz")
+    proc = run_cli("dsp-train", "experiment=crf_ocr_online", f"data.path={data}", *QUICK_CRF,
+                   "objective=crf_nll", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/char_acc", "test/char_acc", "test/letter_acc", "test/word_acc"} <= set(metrics)
+    assert "val/threshold" not in metrics  # nothing to tune for sequences
+    proc = run_cli("dsp-eval", f"run_dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    arrays = np.load(run / "eval" / "predictions.npz")
+    pred, target, lengths = arrays["pred"], arrays["target"], arrays["lengths"]
+    assert pred.shape == target.shape and pred.dtype == np.int64 and lengths.shape == (pred.shape[0],)
+    assert ((pred >= 0) == (target >= 0)).all() and ((target >= 0).sum(1) == lengths).all()
+    assert list(arrays["labels"][:3]) == ["a", "b", "c"]
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())
+    assert evaluated["test/char_acc"] == pytest.approx(metrics["test/char_acc"])

@@ -41,7 +41,7 @@ class ChainDecoding:
                     q, iterations = mean_field_marginals(u, w, lengths, sweeps=self.sweeps), self.sweeps
                 else:
                     q = u
-                labels = q.argmax(-1)  # [B, T]
-                score = chain.sequence_score(labels.masked_fill(~chain.mask_from_lengths(lengths, u.shape[1]), -1), u, w, lengths)
+                labels = q.argmax(-1).masked_fill(~chain.mask_from_lengths(lengths, u.shape[1]), -1)  # [B, T]
+                score = chain.sequence_score(labels, u, w, lengths)
         done = torch.ones(u.shape[0], dtype=torch.bool, device=u.device)
         return InferenceResult(labels, iterations, done, score)
