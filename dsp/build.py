@@ -25,8 +25,11 @@ def instantiate(node, key: str):
 
 def build_data(cfg: DictConfig):
     data = instantiate(cfg.data, "data")
+    dims = {"num_features": data.num_features, "num_labels": data.num_labels}
+    # vocabularies (words, pos, chars for text): their sizes as dims.num_words, dims.num_pos, ...
+    dims.update({f"num_{name}": len(items) for name, items in (getattr(data, "vocab", None) or {}).items()})
     with open_dict(cfg):  # the model's YAML reads the sizes through ${dims.*}
-        cfg.dims = {"num_features": data.num_features, "num_labels": data.num_labels}
+        cfg.dims = dims
     return data
 
 

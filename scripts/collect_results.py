@@ -1,38 +1,61 @@
 #!/usr/bin/env python
 """Print a Markdown table of the final metrics of finished dsp-train run folders.
 
-    python scripts/collect_results.py outputs/repro/*            # one row per run folder
+    python scripts/collect_results.py outputs/repro/*                  # one row per run folder
+    python scripts/collect_results.py --mean outputs/ocr/crf_ocr_online/fold*   # + a mean ± std row
+
+The columns follow the task: example F1 for multi-label runs, char / word accuracy for sequences,
+chunk F1 for chunking, IoU for segmentation.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
-COLUMNS = [("test/example_f1", "test F1", "{:.2f}"), ("val/example_f1", "val F1", "{:.2f}"),
-           ("test/hamming", "test Hamming %", "{:.2f}"), ("val/threshold", "threshold", "{:.2f}"),
-           ("train/epochs", "epochs", "{}"), ("train/time_s", "train time", "{:.0f} s"),
-           ("train/peak_rss_mb", "peak RSS", "{:.0f} MiB")]
+HEADLINES = ["example_f1", "chunk_f1", "char_acc", "mean_iou"]  # the first one a run has leads
+EXTRA = {"example_f1": ["hamming"], "char_acc": ["letter_acc", "word_acc"], "chunk_f1": ["char_acc"],
+         "mean_iou": ["global_iou"]}
+TAIL = [("val/threshold", "threshold", "{:.2f}"), ("train/epochs", "epochs", "{:.0f}"),
+        ("train/time_s", "train time", "{:.0f} s"), ("train/peak_rss_mb", "peak RSS", "{:.0f} MiB")]
+
+
+def columns(metrics: dict) -> list[tuple[str, str, str]]:
+    head = next((h for h in HEADLINES if f"test/{h}" in metrics), "example_f1")
+    cols = [(f"test/{head}", f"test {head}", "{:.2f}"), (f"val/{head}", f"val {head}", "{:.2f}")]
+    cols += [(f"test/{m}", f"test {m}", "{:.2f}") for m in EXTRA.get(head, [])]
+    return cols + [c for c in TAIL if c[0] in metrics]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--mean", action="store_true", help="add a mean ± std row (e.g. over CV folds)")
     args = parser.parse_args()
-    print("| run | " + " | ".join(title for _, title, _ in COLUMNS) + " |")
-    print("| --- " * (len(COLUMNS) + 1) + "|")
-    missing = 0
+    found = []
     for run in args.runs:
         path = run / "metrics.json"
         if not path.is_file():
             print(f"warning: {run} has no metrics.json (unfinished run?)", file=sys.stderr)
-            missing += 1
             continue
-        metrics = json.loads(path.read_text())
-        cells = [fmt.format(metrics[key]) if key in metrics else "–" for key, _, fmt in COLUMNS]
+        found.append((run, json.loads(path.read_text())))
+    if not found:
+        return 1
+    cols = columns(found[0][1])
+    print("| run | " + " | ".join(title for _, title, _ in cols) + " |")
+    print("| --- " * (len(cols) + 1) + "|")
+    for run, metrics in found:
+        cells = [fmt.format(metrics[key]) if key in metrics else "–" for key, _, fmt in cols]
         print(f"| {run.name} | " + " | ".join(cells) + " |")
-    return 1 if missing == len(args.runs) else 0
+    if args.mean and len(found) > 1:
+        cells = []
+        for key, _, fmt in cols:
+            values = [m[key] for _, m in found if key in m]
+            cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else "–")
+        print(f"| mean ± std over {len(found)} | " + " | ".join(cells) + " |")
+    return 0
 
 
 if __name__ == "__main__":

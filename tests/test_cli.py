@@ -12,6 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import write_mulan, write_ocr
+from fixtures_images import tiny_images_overrides, write_image_folder
+from fixtures_text import write_conll
 from dsp.cli.common import config_dir
 from dsp.cli.train import train
 
@@ -34,6 +36,12 @@ def tiny_data_overrides(cfg_target: str, tmp_path: Path) -> list[str]:
         return TINY_SYNTHETIC
     if cfg_target.endswith("load_ocr"):
         return [f"data.path={write_ocr(tmp_path / 'ocr' / 'letter.data.gz')}", *QUICK_CRF]
+    if cfg_target.endswith("load_horses"):
+        return tiny_images_overrides(write_image_folder(tmp_path / "horses"))
+    if cfg_target.endswith("load_conll2000"):
+        train_txt, test_txt = write_conll(tmp_path / "conll")
+        return [f"data.train={train_txt}", f"data.test={test_txt}", *QUICK_CRF, "model.unary_net.word_dim=8",
+                "model.unary_net.char_hidden=8", "model.unary_net.hidden=16"]
     tr, te, xml = write_mulan(tmp_path / "mulan" / "tiny")
     return [f"data.train={tr}", f"data.test={te}", f"data.labels_xml={xml}", "data.num_labels=null"]
 
@@ -43,7 +51,7 @@ def test_every_experiment_preset_composes_and_trains_a_few_steps(preset, tmp_pat
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         target = compose("config", overrides=[f"experiment={preset}"]).data._target_
         tiny = tiny_data_overrides(target, tmp_path)
-        cfg = compose("config", overrides=[f"experiment={preset}", *(tiny if "load_ocr" in target else QUICK + tiny)])
+        cfg = compose("config", overrides=[f"experiment={preset}", *(tiny if target.endswith(("load_ocr", "load_conll2000", "load_horses")) else QUICK + tiny)])
     metrics = train(cfg, tmp_path / "run")
     for key in (f"val/{metrics.monitor}", f"test/{metrics.monitor}", "train/time_s"):
         assert key in metrics and np.isfinite(metrics[key])

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 
 def task_for(data):
-    """The task of a loaded dataset: sequences (OCR, chunking) or multi-label vectors."""
+    """The task of a loaded dataset: sequences (OCR, chunking), image masks or multi-label vectors."""
+    from dsp.data.images import ImageMaskSplits
     from dsp.data.sequences import SequenceSplits
     from dsp.tasks.multilabel import MultiLabelTask
     from dsp.tasks.sequence import SequenceTask
 
     if isinstance(data, SequenceSplits):
         return SequenceTask(data.label_names)
+    if isinstance(data, ImageMaskSplits):
+        from dsp.tasks.segmentation import SegmentationTask
+
+        return SegmentationTask()
     return MultiLabelTask()

@@ -51,6 +51,9 @@ class MultiLabelTask:
 
     main_metric = "example_f1"
 
+    def batch(self, x, y):
+        return x, y
+
     def predict(self, model, inference, x, y, batch_size: int, mode: str):
         from dsp.training.predict import predict_soft
 

@@ -27,6 +27,11 @@ class SequenceTask:
         self.chunking = is_chunking(self.label_names)
         self.main_metric = "chunk_f1" if self.chunking else "char_acc"
 
+    def batch(self, x, y):
+        """Cut a batch's padding to its longest sequence (datasets pad to their longest one)."""
+        t = int(lengths_of(y).max())
+        return x[:, :t], y[:, :t]
+
     def predict(self, model, inference, x, y, batch_size: int, mode: str):
         """Labels [N, T] (-1 at padding) and the mean inference iterations per batch."""
         was_training = model.training
@@ -34,10 +39,10 @@ class SequenceTask:
         outs, iters = [], []
         try:
             for start in range(0, x.shape[0], batch_size):
-                yb = y[start : start + batch_size]
+                xb, yb = self.batch(x[start : start + batch_size], y[start : start + batch_size])
                 lengths = lengths_of(yb)
                 with torch.no_grad():
-                    feats = model.features(x[start : start + batch_size], lengths)
+                    feats = model.features(xb, lengths)
                     if mode == "local":
                         labels, n = feats.unary.argmax(-1), 0  # [B, T]
                     else:
@@ -47,6 +52,8 @@ class SequenceTask:
                 iters.append(n)
         finally:
             model.train(was_training)
+        t = y.shape[1]  # batches were cut to their own longest sequence: pad back with -1
+        outs = [torch.nn.functional.pad(o, (0, t - o.shape[1]), value=-1) for o in outs]
         return torch.cat(outs), sum(iters) / max(1, len(iters))
 
     def calibrate(self, pred, y, setting):

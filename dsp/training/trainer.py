@@ -166,9 +166,11 @@ class Trainer:
         monitor, epoch = self.monitor, first_epoch - 1
         epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
                       disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+        ran = 0
         for epoch in epochs:
             if bad_epochs >= stage.patience or self._out_of_steps():
                 break
+            ran += 1
             self.model.train()
             self._freeze_modes(stage)
             # One shuffle per (seed, stage, epoch): a resumed run sees the same batches.
@@ -179,7 +181,7 @@ class Trainer:
             running = None
             for start in batches:
                 idx = perm[start : start + stage.batch_size]
-                loss, logs = stage.objective.loss(self.model, self.inference, x[idx], y[idx])
+                loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(x[idx], y[idx]))
                 value = loss.item()
                 if not math.isfinite(value):
                     raise DspError(
@@ -220,7 +222,7 @@ class Trainer:
             if improved:
                 save_checkpoint(state, self.ckpt_dir / "best.pt")
             save_checkpoint(state, self.ckpt_dir / "last.pt")
-        tqdm.write(f"stage {stage.name}: best val {monitor} {best:.2f} after {epoch} epoch(s)")
+        tqdm.write(f"stage {stage.name}: best val {monitor} {best:.2f} after {ran} epoch(s)")
         # Early stopping: continue from (and finish with) the stage's best weights.
         self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
         self.model.requires_grad_(True)

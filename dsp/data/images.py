@@ -1,0 +1,139 @@
+"""Image / mask folder pairs for binary segmentation, e.g. the Weizmann horses.
+
+Layout: ROOT/rgb/NAME.ext and ROOT/figure_ground/NAME.ext (jpg, jpeg, png, bmp; the stems must
+match one to one, the extensions and image sizes may differ). Masks are greyscale and may be
+JPEG, so they are thresholded at 128 after resizing.
+
+Splits are inclusive 1-based ranges over the images in sorted name order; for the Weizmann set
+image k is horse{k:03d}. The defaults are the 32×32 protocol of DVN §5.2 (Li et al. 2013):
+train horse001-200, test horse201-328, and horse171-200 held out of train for validation while
+tuning (the DVN authors' advice). `val=None` validates on the training images themselves (DVN's
+final fine-tuning on train + val); early stopping then watches the training IoU.
+
+Decoding is JPEG draft mode + one resize per image: all 328 horses load in about a second, so
+there is no cache.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from dsp.errors import DspError
+
+IMAGE_DIR, MASK_DIR = "rgb", "figure_ground"
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass
+class ImageMaskSplits:
+    """Per split x float32 [N, C, H, W] in [0, 1] and y float32 [N, H, W] in {0, 1}."""
+
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    names: dict[str, list[str]] = field(default_factory=dict)  # split -> image stems, in order
+    label_names: list[str] = field(default_factory=lambda: ["background", "foreground"])
+
+    @property
+    def num_features(self) -> int:
+        return self.train.tensors[0].shape[1]  # image channels (3, or 1 with grayscale)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def split(self, name: str) -> TensorDataset:
+        if name not in ("train", "val", "test"):
+            raise DspError(f"unknown split {name!r}: choose one of train, val, test")
+        return getattr(self, name)
+
+
+def _images_in(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DspError(
+            f"image folder not found: {folder}. data.root must hold {IMAGE_DIR}/ and {MASK_DIR}/ with "
+            f"matching file names (the Weizmann horses: DSP_DATA_DIR/weizmann_horse_db); set data.root "
+            f"or the DSP_DATA_DIR environment variable"
+        )
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in EXTENSIONS:
+            if p.stem in files:
+                raise DspError(f"{folder} holds two images named {p.stem!r} ({files[p.stem].name}, {p.name}); keep one")
+            files[p.stem] = p
+    return files
+
+
+def _pair_files(root: Path) -> list[tuple[str, Path, Path]]:
+    images, masks = _images_in(root / IMAGE_DIR), _images_in(root / MASK_DIR)
+    for have, lack, kind in ((images, masks, "mask"), (masks, images, "image")):
+        missing = sorted(set(have) - set(lack))
+        if missing:
+            src = have[missing[0]]
+            raise DspError(
+                f"{src} has no {kind} with the same name in {root / (MASK_DIR if kind == 'mask' else IMAGE_DIR)} "
+                f"({len(missing)} unmatched in all); every {IMAGE_DIR}/NAME.ext needs a {MASK_DIR}/NAME.ext"
+            )
+    if not images:
+        raise DspError(f"{root / IMAGE_DIR} holds no images ({', '.join(EXTENSIONS)})")
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def _read(path: Path, mode: str, size: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.draft(mode, (size, size))  # JPEG: decode at a reduced scale (>= size), much faster
+            im = im.convert(mode).resize((size, size), Image.BILINEAR)
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DspError(f"cannot read image {path}: {err}; replace or remove the file") from None
+
+
+def _range(name: str, value, n: int) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise DspError(f"data.{name} must be a range [first, last] of image numbers, got {value!r}") from None
+    if not 1 <= lo <= hi <= n:
+        raise DspError(f"data.{name}=[{lo}, {hi}] is out of range: the folder has images 1..{n} "
+                       f"(in sorted name order)")
+    return lo, hi
+
+
+def load_horses(root: str | os.PathLike, size: int = 32, train=(1, 200), test=(201, 328), val=(171, 200),
+                grayscale: bool = False) -> ImageMaskSplits:
+    """Load an rgb/ + figure_ground/ folder pair, resized to size×size (bilinear; masks thresholded)."""
+    if int(size) < 1:
+        raise DspError(f"data.size must be >= 1, got {size}")
+    root, size = Path(root), int(size)
+    files = _pair_files(root)
+    n = len(files)
+    tr, te = _range("train", train, n), _range("test", test, n)
+    if max(tr[0], te[0]) <= min(tr[1], te[1]):
+        raise DspError(f"data.train={list(tr)} and data.test={list(te)} overlap; choose disjoint ranges")
+    va = None
+    if val is not None:
+        va = _range("val", val, n)
+        if not (tr[0] <= va[0] and va[1] <= tr[1]) or va == tr:
+            raise DspError(f"data.val={list(va)} must be a part of data.train={list(tr)} (it is carved "
+                           f"out of it), and not all of it; or data.val=null to validate on train")
+    mode = "L" if grayscale else "RGB"
+    x = np.stack([_read(img, mode, size) for _, img, _ in files]).astype(np.float32) / 255.0  # [n, H, W(, 3)]
+    x = x[:, None] if grayscale else x.transpose(0, 3, 1, 2)  # [n, C, H, W]
+    y = (np.stack([_read(mask, "L", size) for _, _, mask in files]) >= 128).astype(np.float32)  # [n, H, W]
+    x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+
+    def rows(lo, hi, drop=None):
+        return [i for i in range(lo - 1, hi) if drop is None or not drop[0] - 1 <= i < drop[1]]
+
+    index = {"train": rows(*tr, drop=va), "val": rows(*(va or tr)), "test": rows(*te)}
+    splits = {k: TensorDataset(x[idx], y[idx]) for k, idx in index.items()}
+    names = {k: [files[i][0] for i in idx] for k, idx in index.items()}
+    return ImageMaskSplits(**splits, names=names)
