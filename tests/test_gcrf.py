@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsp.inference.cg import GCRFInference, conjugate_gradient, gcrf_solve, low_rank_matvec
+from dsp.inference.cg import (GCRFInference, conjugate_gradient, effective_lambda, gcrf_solve, low_rank_matvec,
+                              potts_solve)
 from dsp.models.gcrf import GaussianCRF, mean_abs_gram
 from dsp.nn.unet import UNet
 from dsp.objectives.segmentation import SegmentationCrossEntropy, UnaryCrossEntropy
@@ -13,9 +14,15 @@ from dsp.training.scaling import choose_unary_scale
 from fixtures_images import write_image_folder
 
 
-def dense_solve(u, emb, lam):
-    """(A Aᵀ + λI)⁻¹ U with the P×P matrix formed: [B, P]."""
-    m = emb @ emb.transpose(1, 2) + lam * torch.eye(emb.shape[1], dtype=emb.dtype)  # [B, P, P]
+def dense_lambda(emb, lam, margin=0.0):
+    """λ_eff = λ_max(A Aᵀ)·(1 + margin) + λ from the P×P matrix: [B]."""
+    return torch.linalg.eigvalsh(emb @ emb.transpose(1, 2))[:, -1] * (1 + margin) + lam
+
+
+def dense_solve(u, emb, lam, margin=0.0):
+    """(λ_eff I - A Aᵀ)⁻¹ U with the P×P matrix formed: [B, P]."""
+    eye = torch.eye(emb.shape[1], dtype=emb.dtype)
+    m = dense_lambda(emb, lam, margin)[:, None, None] * eye - emb @ emb.transpose(1, 2)  # [B, P, P]
     return torch.linalg.solve(m, u.unsqueeze(-1)).squeeze(-1)
 
 
@@ -24,36 +31,75 @@ def problem(b=3, p=12, d=4, seed=0, dtype=torch.float64):
     return torch.randn(b, p, generator=gen, dtype=dtype), torch.randn(b, p, d, generator=gen, dtype=dtype)
 
 
-def test_cg_matches_dense_solve_and_needs_about_rank_plus_one_iterations():
+def test_effective_lambda_is_the_top_eigenvalue_of_the_pixel_gram_plus_lam():
+    _, emb = problem()
+    torch.testing.assert_close(effective_lambda(emb, 0.5, margin=0.1), dense_lambda(emb, 0.5, 0.1))
+    eye = torch.eye(emb.shape[1], dtype=emb.dtype)
+    m = effective_lambda(emb, 0.5)[:, None, None] * eye - emb @ emb.transpose(1, 2)
+    assert torch.linalg.eigvalsh(m)[:, 0].min().item() == pytest.approx(0.5)  # smallest eigenvalue = λ
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.2])
+def test_cg_matches_dense_solve_and_needs_about_rank_plus_one_iterations(margin):
     u, emb = problem()
-    s, iterations, converged = gcrf_solve(u, emb, lam=0.5, tol=1e-12, max_iter=200)
-    assert converged and iterations <= emb.shape[-1] + 2  # rank(A Aᵀ) = D
-    torch.testing.assert_close(s, dense_solve(u, emb, 0.5), rtol=1e-9, atol=1e-9)
+    s, iterations, converged = gcrf_solve(u, emb, lam=0.5, tol=1e-12, max_iter=200, margin=margin)
+    assert converged and iterations <= emb.shape[-1] + 2  # D + 1 distinct eigenvalues
+    torch.testing.assert_close(s, dense_solve(u, emb, 0.5, margin), rtol=1e-9, atol=1e-9)
     u32, emb32 = u.float(), emb.float()
-    s32, _, _ = gcrf_solve(u32, emb32, lam=0.5)
-    torch.testing.assert_close(s32, dense_solve(u32, emb32, 0.5), rtol=1e-3, atol=1e-3)
+    s32, _, _ = gcrf_solve(u32, emb32, lam=0.5, margin=margin)
+    torch.testing.assert_close(s32, dense_solve(u32, emb32, 0.5, margin), rtol=1e-3, atol=1e-3)
 
 
 def test_cg_freezes_converged_examples_and_respects_max_iter():
     u, emb = problem(b=2)
     u[0] = 0.0  # solved by s = 0 before the first iteration
-    matvec = lambda v: low_rank_matvec(emb, v, 1.0)  # noqa: E731
+    lam_eff = effective_lambda(emb, 1.0)
+    matvec = lambda v: low_rank_matvec(emb, v, lam_eff)  # noqa: E731
     x, _, done = conjugate_gradient(matvec, u, tol=1e-12, max_iter=100)
     assert done.all() and (x[0] == 0).all()
     _, iterations, done = conjugate_gradient(matvec, u, tol=1e-12, max_iter=2)
     assert iterations == 2 and not done[1]
 
 
+def test_potts_solve_backward_with_lambda_as_an_input():
+    u, emb = problem(b=2, p=6, d=3)
+    lam_eff = (dense_lambda(emb, 0.7) + torch.tensor([0.0, 0.3], dtype=emb.dtype)).detach()
+    args = (u.requires_grad_(True), emb.requires_grad_(True), lam_eff.requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda a, b, c: potts_solve(a, b, c, tol=1e-13, max_iter=100)[0], args)
+
+
 def test_cg_backward_matches_autograd_through_the_dense_solve():
     u, emb = problem(b=2, p=6, d=3)
     u.requires_grad_(True)
     emb.requires_grad_(True)
+    # the whole path: λ_eff = eigvalsh(Aᵀ A)[-1] + λ depends on A too
     assert torch.autograd.gradcheck(lambda a, b: gcrf_solve(a, b, 0.7, tol=1e-13, max_iter=100)[0], (u, emb))
+    assert torch.autograd.gradcheck(lambda a, b: gcrf_solve(a, b, 0.7, tol=1e-13, max_iter=100, margin=0.3)[0],
+                                    (u, emb))
     w = torch.randn(2, 6, dtype=torch.float64)  # an arbitrary upstream gradient ∂L/∂s*
     g_cg = torch.autograd.grad((gcrf_solve(u, emb, 0.7, tol=1e-13)[0] * w).sum(), (u, emb))
     g_dense = torch.autograd.grad((dense_solve(u, emb, 0.7) * w).sum(), (u, emb))
     for a, b in zip(g_cg, g_dense):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_the_solve_smooths_pixels_with_identical_embeddings_towards_agreement():
+    """Two pixels with the same embedding, a strong positive unary on the first only: the second
+    is pulled to the same sign (the (A Aᵀ + λI)⁻¹ of the old convention pushed it negative)."""
+    emb = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.5]]], dtype=torch.float64) * 2
+    u = torch.tensor([[5.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    s, _, converged = gcrf_solve(u, emb, lam=1.0, tol=1e-12)
+    assert converged and s[0, 1] > 0.5 and s[0, 0] > u[0, 0] / effective_lambda(emb, 1.0)[0]
+    assert s[0, 2:].abs().max() < 1e-9  # orthogonal embeddings: no coupling
+    torch.testing.assert_close(s, dense_solve(u, emb, 1.0))
+    # also through the model path, with a small grid whose embeddings are identical everywhere:
+    # a single strongly positive pixel makes the others positive, where they were 0
+    model = GaussianCRF(torch.nn.Identity(), lambda x: torch.ones(1, 2, 3, 3, dtype=torch.float64), lam=1.0,
+                        cg_tol=1e-12)
+    x = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    x[0, 0, 1, 1] = 5.0
+    s_grid = model.features(x).solve()[0]
+    assert (s_grid > 0).all()
 
 
 def test_solve_rejects_bad_shapes_and_lambda():
@@ -62,6 +108,8 @@ def test_solve_rejects_bad_shapes_and_lambda():
         gcrf_solve(u, emb[:, :-1], 1.0)
     with pytest.raises(ValueError, match="lam"):
         gcrf_solve(u, emb, 0.0)
+    with pytest.raises(ValueError, match="margin"):
+        gcrf_solve(u, emb, 1.0, margin=-0.1)
 
 
 def tiny_model(pairwise=True, seed=0):
@@ -91,6 +139,7 @@ def test_model_potentials_scale_and_shapes():
     torch.testing.assert_close(torch.logit(result.y.double()).float(), s1, rtol=1e-3, atol=1e-3)
     diag = model.diagnostics(x, torch.zeros(2, 8, 10))
     assert diag["potentials/unary_pairwise_ratio"] > 0 and diag["potentials/unary_scale"] == 1.0
+    assert diag["potentials/lam_eff"] > model.lam
 
 
 def test_mean_abs_gram_matches_the_dense_matrix():

@@ -1,23 +1,22 @@
 """Gaussian CRF for binary segmentation (Shevchenko & Osokin 2019, §4.2, Eq. 9-16).
 
-    F(s | X) = -½ sᵀ(W + λI)s + α Uᵀs,      s* = (W + λI)⁻¹ α U,      p_j(fg) = σ(s*_j)
+    F(s | X) = -½ sᵀ(W + λ_eff I)s + α Uᵀs,      s* = (W + λ_eff I)⁻¹ α U,      p_j(fg) = σ(s*_j)
 
 Two classes. Only the difference of the two classes' scores enters the two-class softmax of
 Eq. 14, so the unary network outputs one channel per pixel, u = u_fg - u_bg, and we solve for the
 score difference s = s_fg - s_bg: p_j(fg) = softmax(s_fg, s_bg)_fg = σ(s_j).
 
-Sign convention (the paper is ambiguous here). Eq. 9-12 ask for a symmetric positive semi-definite
-W, so that λ > 0 makes the system positive definite and CG applies. Eq. 16's block matrix
-[[0, AAᵀ], [AAᵀ, 0]] is not PSD: for two classes it turns into (λI - AAᵀ) on the score difference,
-which is indefinite unless λ exceeds the largest eigenvalue of AAᵀ, and CG may then fail. We keep
-Eq. 9-12 and the PSD requirement and use the class-agnostic W = I₂ ⊗ AAᵀ (the same embedding
-kernel for both classes); for two classes that is exactly
+Sign convention. We use the paper's class-agnostic Potts matrix (Eq. 16) W = [[0, K], [K, 0]],
+K = A Aᵀ (A [P, D] the pixel embeddings). For two classes Eq. 12 becomes (λ_eff I - K) d = α u on the
+score difference; (λ_eff I - K)⁻¹ = (1/λ_eff) Σ_k (K/λ_eff)^k is all positive, so pixels with similar
+embeddings agree (smoothing; (K + λI)⁻¹ would push them apart). It needs λ_eff > λ_max(K): per image
+λ_eff = λ_max(AᵀA)·(1 + margin) + λ, exact from the D×D Gram matrix, smallest eigenvalue >= λ = `lam`:
 
-    s* = (A Aᵀ + λI)⁻¹ α u,        A [P, D] the pixel embeddings of the pairwise network.
+    s* = (λ_eff I - A Aᵀ)⁻¹ α u        (gradients reach A also through λ_eff).
 
 α (the `unary_scale` buffer) multiplies U as in ChainCRF: 1 for joint training, re-chosen every
 epoch by online scaling (Algorithm 1). Without a pairwise network the model is the unary-only
-baseline, s = α u (W = 0, λ = 1).
+baseline, s = α u (W = 0, λ_eff = 1).
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from dsp.errors import DspError
-from dsp.inference.cg import gcrf_solve
+from dsp.inference.cg import effective_lambda, gcrf_solve
 
 
 @dataclass
@@ -45,11 +44,12 @@ class GCRFPotentials:
 
     unary: torch.Tensor  # [B, H, W], α-scaled
     embeddings: torch.Tensor | None  # [B, P, D]
-    lam: float
+    lam: float  # λ: the smallest eigenvalue of λ_eff I - A Aᵀ
     tol: float
     max_iter: int
     raw: GCRFRaw | None = None  # the unscaled potentials these were made from, and their scale α
     scale: float | torch.Tensor = 1.0
+    margin: float = 0.0  # λ_eff = λ_max(Aᵀ A)·(1 + margin) + λ
 
     def solve(self):
         """s* [B, H, W] (differentiable), CG iterations, and whether every image converged."""
@@ -67,22 +67,27 @@ class GCRFPotentials:
     def _solve(self, unary: torch.Tensor):
         b, h, w = unary.shape
         s, iterations, converged = gcrf_solve(unary.reshape(b, h * w), self.embeddings, self.lam,
-                                              self.tol, self.max_iter)  # [B, P]
+                                              self.tol, self.max_iter, self.margin)  # [B, P]
         return s.reshape(b, h, w), iterations, converged
 
 
 class GaussianCRF(nn.Module):
     """`unary`: images [B, C, H, W] -> [B, 1, H, W]; `pairwise`: images -> embeddings [B, D, H, W]
-    (or None for the unary-only model). `lam` is λ of Eq. 9, `cg_tol` / `cg_max_iter` the
-    conjugate-gradient settings of the forward and backward solves."""
+    (or None for the unary-only model). `lam` is λ, the smallest eigenvalue of the system
+    λ_eff I - A Aᵀ with λ_eff = λ_max(Aᵀ A)·(1 + lam_margin) + lam per image; `cg_tol` /
+    `cg_max_iter` the conjugate-gradient settings of the forward and backward solves."""
 
     def __init__(self, unary: nn.Module, pairwise: nn.Module | None = None, lam: float = 1.0,
-                 unary_scale: float = 1.0, cg_tol: float = 1e-5, cg_max_iter: int = 100):
+                 unary_scale: float = 1.0, cg_tol: float = 1e-5, cg_max_iter: int = 100,
+                 lam_margin: float = 0.0):
         super().__init__()
         if lam <= 0:
             raise DspError(f"model.lam must be > 0 (it makes the Gaussian CRF system positive definite), got {lam}")
+        if lam_margin < 0:
+            raise DspError(f"model.lam_margin must be >= 0, got {lam_margin}")
         self.unary, self.pairwise = unary, pairwise
         self.lam, self.cg_tol, self.cg_max_iter = float(lam), float(cg_tol), int(cg_max_iter)
+        self.lam_margin = float(lam_margin)
         self.register_buffer("unary_scale", torch.tensor(float(unary_scale)))
 
     def unary_net(self, x: torch.Tensor, lengths=None) -> GCRFRaw:
@@ -100,7 +105,8 @@ class GaussianCRF(nn.Module):
 
     def potentials(self, raw: GCRFRaw, lengths=None, scale: float | None = None) -> GCRFPotentials:
         alpha = self.unary_scale if scale is None else scale
-        return GCRFPotentials(alpha * raw.unary, raw.embeddings, self.lam, self.cg_tol, self.cg_max_iter, raw, alpha)
+        return GCRFPotentials(alpha * raw.unary, raw.embeddings, self.lam, self.cg_tol, self.cg_max_iter, raw, alpha,
+                              self.lam_margin)
 
     def features(self, x: torch.Tensor, lengths=None) -> GCRFPotentials:
         return self.potentials(self.unary_net(x))
@@ -108,7 +114,8 @@ class GaussianCRF(nn.Module):
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Mean |α u| and mean |W_ij| = mean |A_iᵀA_j| over pixel pairs (on the first 16 images:
-        P×P per image), and their ratio (the unary / pairwise balance of the paper's §5, Fig. 1b)."""
+        P×P per image), and their ratio (the unary / pairwise balance of the paper's §5, Fig. 1b);
+        the mean λ_eff."""
         was_training = self.training
         self.eval()
         feats = self.features(x)
@@ -119,7 +126,9 @@ class GaussianCRF(nn.Module):
                "potentials/score_mean_abs": s.abs().mean().item(), "potentials/cg_iterations": float(iterations)}
         if feats.embeddings is not None:
             w = mean_abs_gram(feats.embeddings[:16])
-            out.update({"potentials/pairwise_mean_abs": w, "potentials/unary_pairwise_ratio": u / max(w, 1e-12)})
+            lam_eff = effective_lambda(feats.embeddings, self.lam, self.lam_margin).mean().item()
+            out.update({"potentials/pairwise_mean_abs": w, "potentials/unary_pairwise_ratio": u / max(w, 1e-12),
+                        "potentials/lam_eff": lam_eff})
         return out
 
 

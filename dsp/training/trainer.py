@@ -148,8 +148,12 @@ class Trainer:
         stage = self.stages[index]
         params = stage.parameters(self.model)
         optimizer = stage.make_optimizer(params)
+        # min_delta: the smallest change of the monitored metric that counts as progress, for the
+        # schedule and for early stopping alike (the scaling paper's Appendix B uses 0.1 points).
+        min_delta = float(self.cfg.get("min_delta") or 0.0)
+        plateau = {"threshold": min_delta, "threshold_mode": "abs"} if min_delta > 0 else {}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=stage.lr_factor, patience=stage.lr_patience
+            optimizer, mode="max", factor=stage.lr_factor, patience=stage.lr_patience, **plateau
         )
         best, bad_epochs, first_epoch = -math.inf, 0, 1
         if resume is not None:
@@ -211,7 +215,7 @@ class Trainer:
             metrics, threshold, iters = self.validate(stage.predict)
             current = metrics[monitor]
             scheduler.step(current)
-            improved = current > best
+            improved = current > best + min_delta
             if improved:
                 best, bad_epochs = current, 0
             else:
