@@ -118,7 +118,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[*QUICK[1:], *TINY_SYNTHETIC, "trainer=default", "model=mlp3", "objective=local",
-                                           "trainer.max_epochs=3", f"+objective.after=6",
+                                           "trainer.max_epochs=3", "+objective.after=6",
                                            f"objective._target_={__name__}.NanAfterLoss"])
     run = tmp_path / "run"
     with pytest.raises(DspError, match=r"diverged: the loss is nan.*epoch 2.*last.pt"):

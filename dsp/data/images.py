@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from dsp.data.splits import NamedSplits
 from dsp.errors import DspError
 
 IMAGE_DIR, MASK_DIR = "rgb", "figure_ground"
@@ -30,7 +31,7 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass
-class ImageMaskSplits:
+class ImageMaskSplits(NamedSplits):
     """Per split x float32 [N, C, H, W] in [0, 1] and y float32 [N, H, W] in {0, 1}."""
 
     train: TensorDataset
@@ -46,11 +47,6 @@ class ImageMaskSplits:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
-
-    def split(self, name: str) -> TensorDataset:
-        if name not in ("train", "val", "test"):
-            raise DspError(f"unknown split {name!r}: choose one of train, val, test")
-        return getattr(self, name)
 
 
 def _images_in(folder: Path) -> dict[str, Path]:

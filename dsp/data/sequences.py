@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from dsp.errors import DspError
+from dsp.data.splits import NamedSplits
 
 
 @dataclass
-class SequenceSplits:
+class SequenceSplits(NamedSplits):
     """Per split `x [N, T, ...]` and `y [N, T]` (int64, -1 = padding); same interface as MultiLabelSplits.
 
     `num_features` counts the features of one position (128 pixels for OCR; word id, POS id and
@@ -32,11 +32,6 @@ class SequenceSplits:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
-
-    def split(self, name: str) -> TensorDataset:
-        if name not in ("train", "val", "test"):
-            raise DspError(f"unknown split {name!r}: choose one of train, val, test")
-        return getattr(self, name)
 
 
 def pad_sequences(seqs: list[torch.Tensor], pad_value: float, length: int | None = None) -> torch.Tensor:

@@ -7,8 +7,19 @@ import torch
 from torch.utils.data import TensorDataset
 
 
+class NamedSplits:
+    """`.split(name)` for the dataclasses below, whose fields train, val, test hold the splits."""
+
+    def split(self, name: str) -> TensorDataset:
+        if name not in ("train", "val", "test"):
+            from dsp.errors import DspError
+
+            raise DspError(f"unknown split {name!r}: choose one of train, val, test")
+        return getattr(self, name)
+
+
 @dataclass
-class MultiLabelSplits:
+class MultiLabelSplits(NamedSplits):
     """Dense features `x [N, D]` (float32) and 0/1 labels `y [N, L]` (float32) per split."""
 
     train: TensorDataset
@@ -23,13 +34,6 @@ class MultiLabelSplits:
     @property
     def num_labels(self) -> int:
         return self.train.tensors[1].shape[1]
-
-    def split(self, name: str) -> TensorDataset:
-        if name not in ("train", "val", "test"):
-            from dsp.errors import DspError
-
-            raise DspError(f"unknown split {name!r}: choose one of train, val, test")
-        return getattr(self, name)
 
 
 def holdout(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):

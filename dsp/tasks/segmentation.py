@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dsp.training.predict import eval_mode
+
 THRESHOLD = 0.5
 
 
@@ -49,10 +51,8 @@ class SegmentationTask:
 
     def predict(self, model, inference, x, y, batch_size: int, mode: str):
         """Foreground probabilities [N, H, W] and the mean CG iterations per batch."""
-        was_training = model.training
-        model.eval()
         outs, iters = [], []
-        try:
+        with eval_mode(model):
             for start in range(0, x.shape[0], batch_size):
                 with torch.no_grad():
                     feats = model.features(x[start : start + batch_size])
@@ -63,8 +63,6 @@ class SegmentationTask:
                         probs, n = result.y, result.iterations
                 outs.append(probs)
                 iters.append(n)
-        finally:
-            model.train(was_training)
         return torch.cat(outs), sum(iters) / max(1, len(iters))
 
     def calibrate(self, probs, y, setting):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dsp import metrics as M
+from dsp.training.predict import eval_mode
 
 
 def lengths_of(y: torch.Tensor) -> torch.Tensor:
@@ -34,10 +35,8 @@ class SequenceTask:
 
     def predict(self, model, inference, x, y, batch_size: int, mode: str):
         """Labels [N, T] (-1 at padding) and the mean inference iterations per batch."""
-        was_training = model.training
-        model.eval()
         outs, iters = [], []
-        try:
+        with eval_mode(model):
             for start in range(0, x.shape[0], batch_size):
                 xb, yb = self.batch(x[start : start + batch_size], y[start : start + batch_size])
                 lengths = lengths_of(yb)
@@ -50,8 +49,6 @@ class SequenceTask:
                         labels, n = result.y, result.iterations
                 outs.append(torch.where(yb >= 0, labels, torch.full_like(labels, -1)))
                 iters.append(n)
-        finally:
-            model.train(was_training)
         t = y.shape[1]  # batches were cut to their own longest sequence: pad back with -1
         outs = [torch.nn.functional.pad(o, (0, t - o.shape[1]), value=-1) for o in outs]
         return torch.cat(outs), sum(iters) / max(1, len(iters))

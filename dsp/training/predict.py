@@ -1,7 +1,20 @@
 """Batched prediction of relaxed outputs for a whole split."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run a block with the model in eval mode (no dropout, BN statistics), then restore its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def predict_soft(model, inference, x: torch.Tensor, batch_size: int, mode: str = "inference"):
@@ -10,10 +23,8 @@ def predict_soft(model, inference, x: torch.Tensor, batch_size: int, mode: str =
     mode="local" (or a model without structured terms) reads σ(logits) off the local energy;
     mode="inference" minimises the full energy with the configured inference routine.
     """
-    was_training = model.training
-    model.eval()
     outs, iters = [], []
-    try:
+    with eval_mode(model):
         for start in range(0, x.shape[0], batch_size):
             with torch.no_grad():
                 feats = model.features(x[start : start + batch_size])
@@ -24,6 +35,4 @@ def predict_soft(model, inference, x: torch.Tensor, batch_size: int, mode: str =
                 result = inference(model, feats)
                 outs.append(result.y)
                 iters.append(result.iterations)
-    finally:
-        model.train(was_training)
     return torch.cat(outs), sum(iters) / max(1, len(iters))
