@@ -200,3 +200,13 @@ def test_chain_crf_train_then_eval_writes_sequence_predictions(tmp_path):
     assert list(arrays["labels"][:3]) == ["a", "b", "c"]
     evaluated = json.loads((run / "eval" / "metrics.json").read_text())
     assert evaluated["test/char_acc"] == pytest.approx(metrics["test/char_acc"])
+
+
+def test_min_delta_counts_small_gains_as_no_progress(tmp_path):
+    """With min_delta larger than any possible gain, every epoch is 'bad': patience 2 stops after 2."""
+    common = [*QUICK, *TINY_SYNTHETIC, "trainer=default", "trainer.max_epochs=6", "trainer.patience=2"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        strict = compose("config", overrides=[*common, "trainer.min_delta=1000"])
+        lenient = compose("config", overrides=[*common, "trainer.min_delta=0", "trainer.patience=100"])
+    assert train(strict, tmp_path / "strict")["train/epochs"] == 2
+    assert train(lenient, tmp_path / "lenient")["train/epochs"] == 6
