@@ -196,3 +196,22 @@ def test_online_scaling_picks_the_alpha_of_least_loss(tmp_path):
     best = min(losses, key=losses.get)
     assert logs["scaling/alpha"] == best == model.unary_scale.item()
     assert logs["scaling/subset_loss"] == pytest.approx(losses[best], rel=1e-4)
+
+
+def test_unit_gain_is_lambda_eff_times_the_plain_solve_and_passes_orthogonal_unaries_through():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    emb = torch.randn(2, 9, 2, dtype=torch.float64)
+    plain = GaussianCRF(torch.nn.Identity(), lambda _: emb.transpose(1, 2).reshape(2, 2, 3, 3), lam=0.5,
+                        cg_tol=1e-12, lam_margin=1.0)
+    unit = GaussianCRF(torch.nn.Identity(), lambda _: emb.transpose(1, 2).reshape(2, 2, 3, 3), lam=0.5,
+                       cg_tol=1e-12, lam_margin=1.0, unit_gain=True)
+    lam_eff = effective_lambda(emb, 0.5, 1.0)[:, None, None]
+    torch.testing.assert_close(unit.features(x).solve()[0], lam_eff * plain.features(x).solve()[0])
+    # a unary orthogonal to every embedding column is not changed by (I - AAᵀ/λ_eff)⁻¹
+    q, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64))
+    emb_o = q[:, :2].expand(2, 9, 2).contiguous()
+    u = q[:, 5].reshape(1, 1, 3, 3).expand(2, 1, 3, 3).contiguous()
+    model = GaussianCRF(torch.nn.Identity(), lambda _: emb_o.transpose(1, 2).reshape(2, 2, 3, 3), lam=0.5,
+                        cg_tol=1e-12, lam_margin=1.0, unit_gain=True)
+    torch.testing.assert_close(model.features(u).solve()[0], u[:, 0])

@@ -50,6 +50,7 @@ class GCRFPotentials:
     raw: GCRFRaw | None = None  # the unscaled potentials these were made from, and their scale α
     scale: float | torch.Tensor = 1.0
     margin: float = 0.0  # λ_eff = λ_max(Aᵀ A)·(1 + margin) + λ
+    unit_gain: bool = False  # solve (I - AAᵀ/λ_eff) s = α u instead (see GaussianCRF)
 
     def solve(self):
         """s* [B, H, W] (differentiable), CG iterations, and whether every image converged."""
@@ -66,6 +67,8 @@ class GCRFPotentials:
 
     def _solve(self, unary: torch.Tensor):
         b, h, w = unary.shape
+        if self.unit_gain:  # λ_eff (λ_eff I - K)⁻¹ u = (I - K/λ_eff)⁻¹ u
+            unary = unary * effective_lambda(self.embeddings, self.lam, self.margin).to(unary.dtype)[:, None, None]
         s, iterations, converged = gcrf_solve(unary.reshape(b, h * w), self.embeddings, self.lam,
                                               self.tol, self.max_iter, self.margin)  # [B, P]
         return s.reshape(b, h, w), iterations, converged
@@ -75,11 +78,17 @@ class GaussianCRF(nn.Module):
     """`unary`: images [B, C, H, W] -> [B, 1, H, W]; `pairwise`: images -> embeddings [B, D, H, W]
     (or None for the unary-only model). `lam` is λ, the smallest eigenvalue of the system
     λ_eff I - A Aᵀ with λ_eff = λ_max(Aᵀ A)·(1 + lam_margin) + lam per image; `cg_tol` /
-    `cg_max_iter` the conjugate-gradient settings of the forward and backward solves."""
+    `cg_max_iter` the conjugate-gradient settings of the forward and backward solves.
+
+    `unit_gain=True` solves (I - A Aᵀ/λ_eff) s = α u: the same smoothing operator with the unary
+    passed through at gain 1 in directions the embeddings do not span, and at most (1 + m)/m
+    (m = lam_margin) along the top one. Without it the gain of the unary falls as 1/λ_eff while the
+    embeddings grow, and training collapses onto the top eigenvector (59.9 test mean IoU after 12
+    epochs of gcrf_horses_joint, against 73.4 with unit_gain and lam_margin=1)."""
 
     def __init__(self, unary: nn.Module, pairwise: nn.Module | None = None, lam: float = 1.0,
                  unary_scale: float = 1.0, cg_tol: float = 1e-5, cg_max_iter: int = 100,
-                 lam_margin: float = 0.0):
+                 lam_margin: float = 0.0, unit_gain: bool = False):
         super().__init__()
         if lam <= 0:
             raise DspError(f"model.lam must be > 0 (it makes the Gaussian CRF system positive definite), got {lam}")
@@ -87,7 +96,7 @@ class GaussianCRF(nn.Module):
             raise DspError(f"model.lam_margin must be >= 0, got {lam_margin}")
         self.unary, self.pairwise = unary, pairwise
         self.lam, self.cg_tol, self.cg_max_iter = float(lam), float(cg_tol), int(cg_max_iter)
-        self.lam_margin = float(lam_margin)
+        self.lam_margin, self.unit_gain = float(lam_margin), bool(unit_gain)
         self.register_buffer("unary_scale", torch.tensor(float(unary_scale)))
 
     def unary_net(self, x: torch.Tensor, lengths=None) -> GCRFRaw:
@@ -106,7 +115,7 @@ class GaussianCRF(nn.Module):
     def potentials(self, raw: GCRFRaw, lengths=None, scale: float | None = None) -> GCRFPotentials:
         alpha = self.unary_scale if scale is None else scale
         return GCRFPotentials(alpha * raw.unary, raw.embeddings, self.lam, self.cg_tol, self.cg_max_iter, raw, alpha,
-                              self.lam_margin)
+                              self.lam_margin, self.unit_gain)
 
     def features(self, x: torch.Tensor, lengths=None) -> GCRFPotentials:
         return self.potentials(self.unary_net(x))
