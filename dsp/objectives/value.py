@@ -1,0 +1,150 @@
+"""Deep value network training (Gygli et al. 2017, Algorithm 1 with batches, §3.2-3.3).
+
+Every step, each example of the batch gets one tuple source, drawn with probability proportional
+to `sources`; the source generates an output ȳ, the oracle scores it, v* = v*(ȳ, y), and the value
+network regresses v(x, ȳ) onto v*:
+
+    ce:  -v* log v - (1 - v*) log(1 - v)     (Eq. 11, on the pre-sigmoid score for stability)
+    l2:  (v - v*)²
+
+Sources (§3.3):
+    ground_truth  ȳ = y, v* = 1: the positive examples.
+    inference     ȳ from the inference routine passed to `loss` (train=True): gradient ascent on v
+                  from ȳ = 0 with the current weights, so v is accurate where test-time inference
+                  goes. trajectory="random" stops it after a random number of steps (one per
+                  batch) to cover the whole path, not just its end.
+    adversarial   a few projected gradient steps that *increase* the value loss w.r.t. ȳ (through
+                  v and the oracle v*), from ȳ = y or ȳ = 0 (a coin per example, as the released
+                  code starts its adversarial search): outputs the network misjudges most. Each
+                  step moves the largest free coordinate by `adversarial_lr` (an ℓ∞-normalised
+                  step, so its size does not depend on the scale of the loss).
+    stratified    a simple multi-label version of stratified sampling from p(ȳ) ∝ exp(v*/τ)
+                  (Norouzi et al. 2016): each of `stratified_candidates` candidates flips k bits
+                  of y, k uniform in 1..stratified_max_flips (strata by number of flips, uniform
+                  within a stratum); one candidate per example is resampled ∝ exp(v*/τ).
+
+Generated ȳ are detached: gradients reach the model parameters only through v(x, ȳ). The
+features F(x) are computed once per batch and reused by every source and the loss.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from dsp.errors import DspError
+from dsp.models.spen import SpenFeatures
+from dsp.tasks.oracles import oracle_fn
+
+SOURCES = ("ground_truth", "inference", "adversarial", "stratified")
+
+
+def _take(feats: SpenFeatures, idx: torch.Tensor) -> SpenFeatures:
+    """The features of a subset of the batch."""
+    return SpenFeatures(feats.features[idx], feats.logits[idx])
+
+
+class ValueObjective:
+    def __init__(
+        self,
+        sources: dict | None = None,
+        loss: str = "ce",
+        oracle: str = "f1",
+        trajectory: str = "final",
+        adversarial_steps: int = 3,
+        adversarial_lr: float = 0.1,
+        stratified_temperature: float = 0.05,
+        stratified_candidates: int = 8,
+        stratified_max_flips: int = 10,
+    ):
+        sources = dict(sources if sources is not None else {"ground_truth": 1, "inference": 1, "adversarial": 1})
+        unknown = set(sources) - set(SOURCES)
+        if unknown:
+            raise DspError(f"objective.sources: unknown source(s) {sorted(unknown)}; known: {list(SOURCES)}")
+        if any(float(w) < 0 for w in sources.values()) or not any(float(w) > 0 for w in sources.values()):
+            raise DspError(f"objective.sources: weights must be >= 0 and at least one > 0, got {sources}")
+        if loss not in ("ce", "l2"):
+            raise DspError(f"objective.loss={loss!r}: choose 'ce' (Eq. 11) or 'l2'")
+        if trajectory not in ("final", "random"):
+            raise DspError(f"objective.trajectory={trajectory!r}: choose 'final' or 'random'")
+        if adversarial_steps < 1 or stratified_candidates < 1 or stratified_max_flips < 1:
+            raise DspError("objective.adversarial_steps, stratified_candidates and stratified_max_flips must be >= 1")
+        if stratified_temperature <= 0:
+            raise DspError(f"objective.stratified_temperature must be > 0, got {stratified_temperature}")
+        self.names = [n for n in SOURCES if float(sources.get(n, 0)) > 0]
+        self.weights = torch.tensor([float(sources[n]) for n in self.names])  # [S]
+        self.loss_name, self.oracle = loss, oracle_fn(oracle)
+        self.trajectory = trajectory
+        self.adversarial_steps, self.adversarial_lr = adversarial_steps, adversarial_lr
+        self.tau, self.candidates, self.max_flips = stratified_temperature, stratified_candidates, stratified_max_flips
+
+    # ------------------------------------------------------------------------------- the loss
+    def regression(self, score: torch.Tensor, v_star: torch.Tensor) -> torch.Tensor:
+        """Per-tuple value loss [B] between v = σ(score) and the oracle v*."""
+        if self.loss_name == "ce":
+            return F.binary_cross_entropy_with_logits(score, v_star, reduction="none")
+        return (torch.sigmoid(score) - v_star) ** 2
+
+    def loss(self, model, inference, x, y):
+        feats = model.features(x)  # computed once: the loss needs its graph ...
+        fixed = feats.detach()  # ... the tuple generators do not
+        source = torch.multinomial(self.weights, y.shape[0], replacement=True).to(y.device)  # [B]
+        y_bar = torch.empty_like(y)
+        logs = {}
+        for k, name in enumerate(self.names):
+            idx = (source == k).nonzero().squeeze(-1)  # [n_k]
+            if idx.numel() == 0:
+                continue
+            y_bar[idx] = getattr(self, f"generate_{name}")(model, inference, _take(fixed, idx), y[idx])
+        y_bar = y_bar.detach()  # [B, L]
+        with torch.no_grad():
+            v_star = self.oracle(y_bar, y)  # [B]
+        score = model.score(y_bar, feats)  # [B]
+        loss = self.regression(score, v_star).mean()
+        for k, name in enumerate(self.names):  # how good each source's outputs are (F1 of inference = training F1)
+            chosen = source == k
+            if chosen.any():
+                logs[f"v_star/{name}"] = v_star[chosen].mean()
+        logs.update(v_star=v_star.mean(), value=torch.sigmoid(score.detach()).mean())
+        return loss, logs
+
+    # ---------------------------------------------------------------------------- the sources
+    def generate_ground_truth(self, model, inference, feats, y):
+        return y.clone()
+
+    def generate_inference(self, model, inference, feats, y):
+        if inference is None:
+            raise DspError("objective.sources.inference > 0 needs an inference routine")
+        if self.trajectory == "random" and hasattr(inference, "max_iter"):
+            inference = copy.copy(inference)  # a truncated run: a random point of the trajectory
+            inference.max_iter = int(torch.randint(1, inference.max_iter + 1, ()).item())
+        return inference(model, feats, train=True).y.detach()
+
+    def generate_adversarial(self, model, inference, feats, y):
+        """Projected ℓ∞-normalised gradient ascent on the value loss w.r.t. ȳ [n, L] (§3.3)."""
+        from_truth = torch.rand(y.shape[0], 1, device=y.device) < 0.5  # [n, 1]
+        y_bar = torch.where(from_truth, y, torch.zeros_like(y))
+        with torch.enable_grad():
+            for _ in range(self.adversarial_steps):
+                y_var = y_bar.detach().requires_grad_(True)
+                bad = self.regression(model.score(y_var, feats), self.oracle(y_var, y))  # [n]
+                (grad,) = torch.autograd.grad(bad.sum(), y_var)  # only ∂/∂ȳ: no parameter gradients
+                # Directions that leave the box are cut by the projection anyway; dropping them
+                # before normalising lets the free coordinates take the full step.
+                grad = grad.masked_fill(((y_bar >= 1) & (grad > 0)) | ((y_bar <= 0) & (grad < 0)), 0.0)
+                scale = grad.abs().amax(-1, keepdim=True).clamp_min(1e-12)  # [n, 1]
+                y_bar = (y_bar + self.adversarial_lr * grad / scale).clamp(0.0, 1.0)
+        return y_bar.detach()
+
+    def generate_stratified(self, model, inference, feats, y):
+        """Flip k random bits of y in `candidates` ways, keep one ∝ exp(v*/τ) -> ȳ [n, L]."""
+        flat = y.flatten(1)  # [n, L]
+        n, size = flat.shape
+        k = torch.randint(1, min(self.max_flips, size) + 1, (n, self.candidates, 1), device=y.device)  # [n, K, 1]
+        r = torch.rand(n, self.candidates, size, device=y.device)  # [n, K, L]
+        flip = r <= r.sort(-1).values.gather(-1, k - 1)  # the k smallest: k bits chosen uniformly
+        cand = torch.where(flip, 1 - flat.unsqueeze(1), flat.unsqueeze(1))  # [n, K, L]
+        v = self.oracle(cand.flatten(0, 1), flat.repeat_interleave(self.candidates, 0)).view(n, -1)  # [n, K]
+        pick = torch.multinomial(torch.softmax(v / self.tau, -1), 1).squeeze(-1)  # [n]
+        return cand[torch.arange(n, device=y.device), pick].view_as(y)
