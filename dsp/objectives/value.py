@@ -91,21 +91,19 @@ class ValueObjective:
         fixed = feats.detach()  # ... the tuple generators do not
         source = torch.multinomial(self.weights, y.shape[0], replacement=True).to(y.device)  # [B]
         y_bar = torch.empty_like(y)
-        logs = {}
+        drawn = {}
         for k, name in enumerate(self.names):
             idx = (source == k).nonzero().squeeze(-1)  # [n_k]
-            if idx.numel() == 0:
-                continue
-            y_bar[idx] = getattr(self, f"generate_{name}")(model, inference, _take(fixed, idx), y[idx])
+            if idx.numel() > 0:
+                drawn[name] = idx
+                y_bar[idx] = getattr(self, f"generate_{name}")(model, inference, _take(fixed, idx), y[idx])
         y_bar = y_bar.detach()  # [B, L]
         with torch.no_grad():
             v_star = self.oracle(y_bar, y)  # [B]
         score = model.score(y_bar, feats)  # [B]
         loss = self.regression(score, v_star).mean()
-        for k, name in enumerate(self.names):  # how good each source's outputs are (F1 of inference = training F1)
-            chosen = source == k
-            if chosen.any():
-                logs[f"v_star/{name}"] = v_star[chosen].mean()
+        # How good each source's outputs are: v_star/inference is the training F1 of inference.
+        logs = {f"v_star/{name}": v_star[idx].mean() for name, idx in drawn.items()}
         logs.update(v_star=v_star.mean(), value=torch.sigmoid(score.detach()).mean())
         return loss, logs
 
@@ -121,10 +119,13 @@ class ValueObjective:
             inference.max_iter = int(torch.randint(1, inference.max_iter + 1, ()).item())
         return inference(model, feats, train=True).y.detach()
 
-    def generate_adversarial(self, model, inference, feats, y):
-        """Projected ℓ∞-normalised gradient ascent on the value loss w.r.t. ȳ [n, L] (§3.3)."""
-        from_truth = torch.rand(y.shape[0], 1, device=y.device) < 0.5  # [n, 1]
-        y_bar = torch.where(from_truth, y, torch.zeros_like(y))
+    def generate_adversarial(self, model, inference, feats, y, start=None):
+        """Projected ℓ∞-normalised gradient ascent on the value loss w.r.t. ȳ [n, L] (§3.3),
+        from `start` (default: y or 0, a coin per example)."""
+        if start is None:
+            from_truth = torch.rand(y.shape[0], *([1] * (y.dim() - 1)), device=y.device) < 0.5  # [n, 1]
+            start = torch.where(from_truth, y, torch.zeros_like(y))
+        y_bar = start.detach()
         with torch.enable_grad():
             for _ in range(self.adversarial_steps):
                 y_var = y_bar.detach().requires_grad_(True)

@@ -20,8 +20,13 @@ def _overlap(y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch
     if y.shape != target.shape:
         raise ValueError(f"oracle: prediction {tuple(y.shape)} and target {tuple(target.shape)} differ in shape")
     target = target.to(y.dtype)
-    inter = torch.minimum(y, target).flatten(1).sum(-1)  # [B]
-    union = torch.maximum(y, target).flatten(1).sum(-1)  # [B]
+    # min and max, with the derivative at a tie ȳ_i = y_i taken in the direction that stays in
+    # [0,1] (what gradient steps on ȳ can do): a tie at 0 can only grow, so ȳ_i counts as the max;
+    # a tie at 1 can only shrink, so ȳ_i counts as the min. (torch.minimum splits ties 50/50,
+    # which at a 0/1 corner such as ȳ = y is the derivative of no feasible move.)
+    y_is_min = (y < target) | ((y == target) & (target >= 0.5))
+    inter = torch.where(y_is_min, y, target).flatten(1).sum(-1)  # [B]
+    union = torch.where(y_is_min, target, y).flatten(1).sum(-1)  # [B]
     return inter, union
 
 
