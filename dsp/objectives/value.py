@@ -134,7 +134,8 @@ class ValueObjective:
                 # Directions that leave the box are cut by the projection anyway; dropping them
                 # before normalising lets the free coordinates take the full step.
                 grad = grad.masked_fill(((y_bar >= 1) & (grad > 0)) | ((y_bar <= 0) & (grad < 0)), 0.0)
-                scale = grad.abs().amax(-1, keepdim=True).clamp_min(1e-12)  # [n, 1]
+                # per example, over all of its coordinates (labels [n, L] or masks [n, H, W])
+                scale = grad.flatten(1).abs().amax(-1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
                 y_bar = (y_bar + self.adversarial_lr * grad / scale).clamp(0.0, 1.0)
         return y_bar.detach()
 

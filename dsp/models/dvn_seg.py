@@ -1,0 +1,164 @@
+"""Deep value network for binary segmentation (Gygli, Norouzi & Angelova 2017, §5.2, Figure 2),
+and the fully convolutional baseline with the same convolutional layers (Table 2, "FCN").
+
+Value network (Figure 2): the image x [B, C, H, W] and the relaxed mask ȳ [B, 1, H, W] stacked as
+one input, 3 convolutional layers (5×5; base_width, 2·base_width, 2·base_width filters; strides
+1, 2, 2; ReLU), 2 fully connected layers (384, 192; ReLU; dropout with keep probability 0.75 on
+the first) and a linear output s(x, ȳ); v(x, ȳ) = σ(s) ∈ [0, 1] regresses the soft IoU of ȳ
+(Eq. 6, 9-11). With 24×24 crops this is the paper's 2.5 million parameters; at 32×32 inputs it
+is 3.8 million (the first fully connected layer sees 8·8·128 values).
+
+The model speaks the contract of the multi-label DVN (`dsp.models.dvn`), so GradientInference and
+ValueObjective work unchanged: features(x) keeps the image and zero "logits" [B, H·W], ȳ is a flat
+[B, H·W] vector to the inference code (whose convergence tests and masks assume [B, L]), and
+energy(ȳ) = -v(x, ȳ). `score` and `value` accept ȳ as [B, H·W] or [B, H, W]. The features carry
+no per-pixel evidence of their own: x is only looked at together with ȳ, so mode "local" is
+meaningless (σ(0) = 0.5 everywhere); prediction is always the ascent from ȳ = 0.
+
+`MaskGradientInference` is GradientInference returning masks [B, H, W] (what SegmentationTask and
+the value objective's tuples expect) instead of the flat [B, H·W] it optimises.
+
+The shared conv settings live in a node named `unary` (base_width, depth, kernel_size), like the
+UNet unaries of the other horses presets, so `model.unary.base_width=4 model.unary.depth=2` shrinks
+any horses model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsp.errors import DspError
+from dsp.inference.gradient import GradientInference
+
+
+class ConvLayers(nn.Module):
+    """`depth` 5×5 convolutions with ReLU: base_width filters at stride 1, then 2·base_width
+    filters at stride 2 (Figure 2 with depth=3: 64, 128, 128 filters, strides 1, 2, 2)."""
+
+    def __init__(self, in_channels: int, base_width: int = 64, depth: int = 3, kernel_size: int = 5):
+        super().__init__()
+        if depth < 1 or base_width < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+            raise DspError("model.unary: depth and base_width must be >= 1 and kernel_size odd")
+        layers, c = [], in_channels
+        for i in range(depth):
+            out = base_width if i == 0 else 2 * base_width
+            layers += [nn.Conv2d(c, out, kernel_size, stride=1 if i == 0 else 2, padding=kernel_size // 2), nn.ReLU()]
+            c = out
+        self.net = nn.Sequential(*layers)
+        self.out_channels = c
+        self.stride = 2 ** (depth - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class MaskValueFeatures:
+    """What inference needs from x: the images [B, C, H, W] and zero logits [B, H·W] (the flat
+    shape of ȳ seen by the inference code)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+
+    def detach(self) -> "MaskValueFeatures":
+        return MaskValueFeatures(self.features.detach(), self.logits.detach())
+
+    @property
+    def unary(self) -> torch.Tensor:
+        """[B, H, W] zero logits, for SegmentationTask's mode "local" (no per-pixel evidence)."""
+        return self.logits.view(self.features.shape[0], *self.features.shape[-2:])
+
+
+class SegmentationValueNetwork(nn.Module):
+    """v(x, ȳ) = σ(s(x, ȳ)) for masks ȳ ∈ [0,1]^{H×W} (Figure 2); see the module docstring."""
+
+    is_structured = True  # prediction is gradient ascent on v from ȳ = 0
+
+    def __init__(self, in_channels: int = 3, size: int = 32, unary: dict | None = None,
+                 hidden: tuple = (384, 192), dropout: float = 0.25, ascend: str = "value"):
+        super().__init__()
+        if ascend not in ("value", "score"):
+            raise DspError(f"model.ascend={ascend!r}: choose 'value' (Eq. 8) or 'score'")
+        if not hidden:
+            raise DspError("model.hidden: the value network needs at least one fully connected layer")
+        self.conv = ConvLayers(in_channels + 1, **dict(unary or {}))
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, in_channels + 1, size, size)).numel()
+        layers, width = [], flat
+        for i, h in enumerate(hidden):
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if i == 0 and dropout > 0:
+                layers.append(nn.Dropout(dropout))  # keep probability 1 - dropout = 0.75 (§5.2)
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.head = nn.Sequential(*layers)
+        self.size, self.ascend = size, ascend
+
+    def features(self, x: torch.Tensor) -> MaskValueFeatures:
+        b, _, h, w = x.shape
+        return MaskValueFeatures(x, x.new_zeros(b, h * w))
+
+    def score(self, y: torch.Tensor, feats) -> torch.Tensor:
+        """The pre-sigmoid value s(x, ȳ) [B] for ȳ [B, H·W] or [B, H, W]."""
+        x = feats.features  # [B, C, H, W]
+        mask = y.reshape(x.shape[0], 1, *x.shape[-2:]).to(x.dtype)  # [B, 1, H, W]
+        return self.head(self.conv(torch.cat([x, mask], 1)).flatten(1)).squeeze(-1)  # [B]
+
+    def value(self, y: torch.Tensor, feats) -> torch.Tensor:
+        """v(x, ȳ) = σ(s) [B] in [0, 1]: the predicted soft IoU of ȳ."""
+        return torch.sigmoid(self.score(y, feats))
+
+    def energy(self, y: torch.Tensor, feats) -> torch.Tensor:
+        """-v [B] (or -s with ascend="score"): minimising it is the gradient ascent of Eq. 8."""
+        return -(self.value(y, feats) if self.ascend == "value" else self.score(y, feats))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.value(y, self.features(x))
+
+    def local_probs(self, feats) -> torch.Tensor:
+        """Zeros [B, H·W]: the paper's start ȳ = 0 (inference.init=local gives the same)."""
+        return torch.zeros_like(feats.logits)
+
+
+class MaskGradientInference(GradientInference):
+    """GradientInference on flat ȳ [B, H·W], returning masks [B, H, W] shaped like the images."""
+
+    def __call__(self, model, feats, augment=None, y0=None, train: bool = False):
+        images = feats.features  # [B, C, H, W]
+        res = super().__call__(model, feats, augment, None if y0 is None else y0.flatten(1), train)
+        return replace(res, y=res.y.reshape(images.shape[0], *images.shape[-2:]))
+
+
+@dataclass
+class FCNFeatures:
+    unary: torch.Tensor  # [B, H, W] foreground logits
+
+    def detach(self) -> "FCNFeatures":
+        return FCNFeatures(self.unary.detach())
+
+
+class FCN(nn.Module):
+    """Fully convolutional baseline (Long et al. 2015; DVN §5.2): the value network's conv layers on
+    the image alone, a 1×1 convolution to one foreground logit per position, bilinear upsampling
+    back to the input size. Trained per pixel (objective UnaryCrossEntropy), predicted locally."""
+
+    is_structured = False
+
+    def __init__(self, in_channels: int = 3, unary: dict | None = None):
+        super().__init__()
+        self.conv = ConvLayers(in_channels, **dict(unary or {}))
+        self.classifier = nn.Conv2d(self.conv.out_channels, 1, 1)
+
+    def features(self, x: torch.Tensor) -> FCNFeatures:
+        u = self.classifier(self.conv(x))  # [B, 1, h, w]
+        u = F.interpolate(u, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return FCNFeatures(u.squeeze(1))  # [B, H, W]
+
+    def local_probs(self, feats: FCNFeatures) -> torch.Tensor:
+        return torch.sigmoid(feats.unary)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).unary

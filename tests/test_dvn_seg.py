@@ -1,0 +1,173 @@
+"""The segmentation DVN (Figure 2) and the FCN baseline: shapes, range, gradients w.r.t. ȳ, ascent,
+value regression on a tiny image folder, and the presets' wiring. (Composing and training the
+presets end to end is tests/test_cli.py's preset test.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fixtures_images import write_image_folder
+from dsp.cli.common import config_dir
+from dsp.data.images import load_horses
+from dsp.models.dvn_seg import FCN, MaskGradientInference, SegmentationValueNetwork
+from dsp.objectives.segmentation import UnaryCrossEntropy
+from dsp.objectives.value import ValueObjective
+from dsp.tasks.segmentation import SegmentationTask
+
+TINY = {"base_width": 2, "depth": 2, "kernel_size": 3}
+
+
+def tiny_dvn(size=8, dtype=torch.float32, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    return SegmentationValueNetwork(in_channels=3, size=size, unary=TINY, hidden=(8, 4), dropout=dropout).to(dtype)
+
+
+def ascent(**kw):
+    settings = dict(method="projected", lr=5.0, momentum=0.0, max_iter=10, rel_tol=0.0, abs_tol=0.0,
+                    init="constant", init_value=0.0)
+    return MaskGradientInference(**{**settings, **kw})
+
+
+def test_paper_architecture_has_figure_2_layers_and_about_2_5m_parameters_on_24px_crops():
+    model = SegmentationValueNetwork(in_channels=3, size=24)
+    convs = [m for m in model.conv.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (64, (5, 5), (1, 1)), (128, (5, 5), (2, 2)), (128, (5, 5), (2, 2))]
+    assert convs[0].in_channels == 4  # image and mask stacked
+    assert [m.out_features for m in model.head if isinstance(m, torch.nn.Linear)] == [384, 192, 1]
+    assert [m.p for m in model.head if isinstance(m, torch.nn.Dropout)] == [0.25]  # keep 0.75, first FC
+    n = sum(p.numel() for p in model.parameters())
+    assert 2.3e6 < n < 2.6e6  # "2.5 million network parameters" (§1)
+
+
+def test_value_shapes_range_and_flat_or_mask_inputs_agree():
+    model = tiny_dvn().eval()
+    x = torch.rand(3, 3, 8, 8)
+    feats = model.features(x)
+    assert feats.logits.shape == (3, 64) and feats.unary.shape == (3, 8, 8)
+    y = torch.rand(3, 8, 8)
+    v = model.value(y, feats)
+    assert v.shape == (3,) and ((v >= 0) & (v <= 1)).all()
+    assert torch.allclose(v, model.value(y.flatten(1), feats))
+    assert torch.allclose(model.energy(y.flatten(1), feats), -v)
+    assert torch.equal(model.local_probs(feats), torch.zeros(3, 64))
+    assert torch.allclose(model(x, y), v)
+
+
+def test_gradient_of_value_wrt_mask_matches_finite_differences():
+    model = tiny_dvn(size=6, dtype=torch.float64).eval()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    feats = model.features(x)
+    y = torch.rand(2, 36, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: model.value(t, feats), (y,), eps=1e-6, atol=1e-7)
+
+
+def test_ascent_returns_masks_in_the_box_and_raises_the_value():
+    model = tiny_dvn().eval()
+    x = torch.rand(4, 3, 8, 8)
+    feats = model.features(x)
+    res = ascent()(model, feats)
+    assert res.y.shape == (4, 8, 8)
+    assert ((res.y >= 0) & (res.y <= 1)).all() and res.y.abs().sum() > 0
+    v0 = model.value(torch.zeros(4, 64), feats)
+    v1 = model.value(res.y, feats)
+    assert (v1 >= v0 - 1e-6).all() and (v1 > v0).any()
+    assert torch.allclose(res.objective, -v1, atol=1e-6)
+    # predict-time overrides go through the base class: still masks
+    res2 = ascent(predict={"max_iter": 3})(model, feats)
+    assert res2.y.shape == (4, 8, 8)
+
+
+def test_value_objective_tuples_on_masks(tmp_path):
+    model = tiny_dvn()
+    x, y = torch.rand(6, 3, 8, 8), (torch.rand(6, 8, 8) < 0.4).float()
+    obj = ValueObjective(oracle="iou")
+    feats = model.features(x).detach()
+    for name in ("inference", "adversarial", "stratified", "ground_truth"):
+        out = getattr(obj, f"generate_{name}")(model, ascent(), feats, y)
+        assert out.shape == y.shape and ((out >= 0) & (out <= 1)).all(), name
+    # one adversarial step is ℓ∞-normalised per example (over the whole mask, not per image row):
+    # the largest move is adversarial_lr, taken by one pixel per example rather than one per row
+    one = ValueObjective(oracle="iou", adversarial_steps=1, adversarial_lr=0.1)
+    start = torch.full_like(y, 0.5)
+    step = (one.generate_adversarial(model, None, feats, y, start=start) - start).flatten(1).abs()  # [6, 64]
+    assert torch.allclose(step.amax(-1), torch.full((6,), 0.1))
+    assert ((step > 0.1 - 1e-6).sum(-1) < 8).all()
+    loss, logs = obj.loss(model, ascent(), x, y)
+    assert torch.isfinite(loss) and 0 <= logs["v_star"] <= 1
+
+
+def test_training_steps_reduce_the_value_loss_on_a_tiny_image_folder(tmp_path):
+    data = load_horses(write_image_folder(tmp_path / "horses"), size=8, train=[1, 6], val=None, test=[7, 8])
+    x, y = data.split("train").tensors
+    torch.manual_seed(1)
+    model = SegmentationValueNetwork(in_channels=3, size=8, unary={**TINY, "base_width": 4}, hidden=(16, 8), dropout=0.25)
+    obj = ValueObjective(oracle="iou", sources={"ground_truth": 1, "inference": 1, "adversarial": 1})
+    inference = ascent(max_iter=5)
+    # a fixed probe: ground truth (v* = 1), the empty mask (v* = 0) and a half-wrong mask
+    g = torch.Generator().manual_seed(0)
+    probe = torch.cat([y, torch.zeros_like(y), torch.where(torch.rand(y.shape, generator=g) < 0.5, y, 1 - y)])
+    xs = x.repeat(3, 1, 1, 1)
+
+    def probe_loss():
+        model.eval()
+        with torch.no_grad():
+            feats = model.features(xs)
+            out = obj.regression(model.score(probe, feats), obj.oracle(probe, y.repeat(3, 1, 1))).mean().item()
+        model.train()
+        return out
+
+    before = probe_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(60):
+        loss, _ = obj.loss(model, inference, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert probe_loss() < 0.9 * before
+
+
+def test_segmentation_task_predicts_masks_with_the_dvn_and_the_fcn():
+    x, y = torch.rand(5, 3, 8, 8), (torch.rand(5, 8, 8) < 0.5).float()
+    task = SegmentationTask()
+    probs, iters = task.predict(tiny_dvn(), ascent(max_iter=4), x, y, batch_size=2, mode="inference")
+    assert probs.shape == (5, 8, 8) and iters == 4
+    assert task.arrays(probs, y)["pred"].shape == (5, 8, 8)
+    fcn = FCN(in_channels=3, unary=TINY)
+    probs, _ = task.predict(fcn, None, x, y, batch_size=2, mode="local")
+    assert probs.shape == (5, 8, 8) and ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_fcn_has_the_same_conv_layers_and_learns_per_pixel():
+    fcn = FCN(in_channels=3)
+    convs = [(c.out_channels, c.kernel_size, c.stride) for c in fcn.conv.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert convs == [(64, (5, 5), (1, 1)), (128, (5, 5), (2, 2)), (128, (5, 5), (2, 2))]
+    torch.manual_seed(0)
+    fcn = FCN(in_channels=3, unary=TINY)
+    x = torch.rand(4, 3, 8, 8)
+    y = (x[:, 0] > 0.5).float()  # a per-pixel rule the FCN can fit
+    assert fcn.features(x).unary.shape == (4, 8, 8)
+    obj, opt = UnaryCrossEntropy(), torch.optim.Adam(fcn.parameters(), lr=1e-2)
+    first = obj.loss(fcn, None, x, y)[0].item()
+    for _ in range(30):
+        loss, _ = obj.loss(fcn, None, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+
+
+@pytest.mark.parametrize("preset", ["dvn_horses", "fcn_horses"])
+def test_presets_wire_the_paper_settings(preset):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"])
+    assert cfg.data._target_.endswith("load_horses")
+    if preset == "dvn_horses":
+        assert cfg.model._target_.endswith("SegmentationValueNetwork")
+        assert cfg.objective.oracle == "iou" and cfg.inference.init_value == 0.0
+        assert cfg.inference._target_.endswith("MaskGradientInference") and cfg.inference.method == "projected"
+    else:
+        assert cfg.model._target_.endswith("FCN") and cfg.trainer.stages.train.predict == "local"
+        assert cfg.objective._target_.endswith("UnaryCrossEntropy")
