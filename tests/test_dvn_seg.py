@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from fixtures_images import write_image_folder
 from dsp.cli.common import config_dir
 from dsp.data.images import load_horses
-from dsp.models.dvn_seg import FCN, MaskGradientInference, SegmentationValueNetwork
+from dsp.inference.gradient import GradientInference
+from dsp.models.dvn_seg import FCN, SegmentationValueNetwork
 from dsp.objectives.segmentation import UnaryCrossEntropy
 from dsp.objectives.value import ValueObjective
 from dsp.tasks.segmentation import SegmentationTask
@@ -26,7 +27,7 @@ def tiny_dvn(size=8, dtype=torch.float32, dropout=0.0, seed=0):
 def ascent(**kw):
     settings = dict(method="projected", lr=5.0, momentum=0.0, max_iter=10, rel_tol=0.0, abs_tol=0.0,
                     init="constant", init_value=0.0)
-    return MaskGradientInference(**{**settings, **kw})
+    return GradientInference(**{**settings, **kw})
 
 
 def test_paper_architecture_has_figure_2_layers_and_about_2_5m_parameters_on_24px_crops():
@@ -41,17 +42,16 @@ def test_paper_architecture_has_figure_2_layers_and_about_2_5m_parameters_on_24p
     assert 2.3e6 < n < 2.6e6  # "2.5 million network parameters" (§1)
 
 
-def test_value_shapes_range_and_flat_or_mask_inputs_agree():
+def test_value_shapes_and_range():
     model = tiny_dvn().eval()
     x = torch.rand(3, 3, 8, 8)
     feats = model.features(x)
-    assert feats.logits.shape == (3, 64) and feats.unary.shape == (3, 8, 8)
+    assert feats.logits.shape == feats.unary.shape == (3, 8, 8)
     y = torch.rand(3, 8, 8)
     v = model.value(y, feats)
     assert v.shape == (3,) and ((v >= 0) & (v <= 1)).all()
-    assert torch.allclose(v, model.value(y.flatten(1), feats))
-    assert torch.allclose(model.energy(y.flatten(1), feats), -v)
-    assert torch.equal(model.local_probs(feats), torch.zeros(3, 64))
+    assert torch.allclose(model.energy(y, feats), -v)
+    assert torch.equal(model.local_probs(feats), torch.zeros(3, 8, 8))
     assert torch.allclose(model(x, y), v)
 
 
@@ -167,7 +167,7 @@ def test_presets_wire_the_paper_settings(preset):
     if preset == "dvn_horses":
         assert cfg.model._target_.endswith("SegmentationValueNetwork")
         assert cfg.objective.oracle == "iou" and cfg.inference.init_value == 0.0
-        assert cfg.inference._target_.endswith("MaskGradientInference") and cfg.inference.method == "projected"
+        assert cfg.inference._target_.endswith("gradient.GradientInference") and cfg.inference.method == "projected"
     else:
         assert cfg.model._target_.endswith("FCN") and cfg.trainer.stages.train.predict == "local"
         assert cfg.objective._target_.endswith("UnaryCrossEntropy")

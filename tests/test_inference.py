@@ -115,3 +115,14 @@ def test_predict_overrides_apply_when_predicting_only():
 def test_predict_override_with_unknown_key_names_it():
     with pytest.raises(DspError, match="inference.predict.*'max_iters'"):
         GradientInference(predict={"max_iters": 7})
+
+
+@pytest.mark.parametrize("restarts", [0, 2])
+def test_outputs_of_any_shape_are_optimised_per_example(restarts):
+    """Masks [B, H, W] give the same result as the same problem flattened to [B, H·W]."""
+    target = torch.rand(3, 4, 5)
+    inf = GradientInference(max_iter=30, restarts=restarts, rel_tol=0, abs_tol=0)
+    masks = inf.minimise(lambda y: ((y - target) ** 2).sum((1, 2)), torch.full_like(target, 0.5))
+    flat = inf.minimise(lambda y: ((y - target.flatten(1)) ** 2).sum(-1), torch.full((3, 20), 0.5))
+    assert masks.y.shape == (3, 4, 5)
+    assert torch.allclose(masks.y.flatten(1), flat.y) and torch.allclose(masks.objective, flat.objective)

@@ -52,7 +52,9 @@ def _main(cfg: DictConfig) -> float:
         print(f"error: job {hydra_cfg.job.num} ({run_dir}) failed: {err}", file=sys.stderr)
         return float("nan")
     print(f"run folder: {run_dir}")
-    print_table(metrics, "final metrics (best checkpoint" + (", validation-tuned threshold):" if cfg.trainer.threshold == "tune" and "val/threshold" in metrics else "):"))
+    tuned = cfg.trainer.threshold == "tune" and "val/threshold" in metrics  # multi-label only
+    print_table(metrics, "final metrics (best checkpoint, validation-tuned threshold):" if tuned
+                else "final metrics (best checkpoint):")
     # The sweep objective (Optuna and friends maximise the validation metric).
     return metrics.get(f"val/{metrics.monitor}", float("nan"))
 

@@ -11,7 +11,7 @@ gradients are formed during inference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -99,7 +99,7 @@ class GradientInference:
         self.entropy_temperature, self.check_every, self.eps = entropy_temperature, check_every, eps
         self.restarts, self.restart_seed = restarts, restart_seed
         self.anneal_temperature, self.anneal_iters = anneal_temperature, anneal_iters
-        self.predictor = self
+        self.predictor = None  # a second routine with the `predict` overrides, used when not training
         if predict:
             settings = {k: v for k, v in vars(self).items() if k != "predictor"}
             unknown = set(predict) - set(settings)
@@ -115,7 +115,7 @@ class GradientInference:
     def __call__(self, model, feats, augment: EnergyFn | None = None, y0=None, train: bool = False):
         """Minimise E(ȳ) [- augment(ȳ)] for a batch; `train=True` drops the prediction-time
         settings (entropy smoothing and the `predict` overrides)."""
-        if not train and self.predictor is not self:
+        if not train and self.predictor is not None:
             return self.predictor(model, feats, augment, y0)
         feats = feats.detach()
 
@@ -127,7 +127,14 @@ class GradientInference:
         return self.minimise(objective, y0, temperature=0.0 if train else self.entropy_temperature)
 
     def minimise(self, objective: EnergyFn, y0: torch.Tensor, temperature: float = 0.0) -> InferenceResult:
-        """Minimise objective(ȳ) - temperature·H(ȳ) over a batch ȳ [B, L] -> [B], with restarts."""
+        """Minimise objective(ȳ) - temperature·H(ȳ) over a batch ȳ [B, ...] -> [B], with restarts.
+
+        Outputs of any shape (label vectors [B, L], masks [B, H, W]) are optimised as flat vectors
+        per example; the objective and the result see the original shape."""
+        if y0.dim() > 2:
+            shape = y0.shape[1:]
+            res = self.minimise(lambda y: objective(y.view(-1, *shape)), y0.flatten(1), temperature)
+            return replace(res, y=res.y.view(-1, *shape))
         if self.restarts == 0:
             return self._descend(objective, y0, temperature)
         gen = torch.Generator(device=y0.device).manual_seed(self.restart_seed)

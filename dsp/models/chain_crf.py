@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsp.training.predict import eval_mode
+
 
 @dataclass
 class ChainPotentials:
@@ -57,10 +59,8 @@ class ChainCRF(nn.Module):
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Mean |potential| as inference sees them, and their ratio (the paper's Figure 1b/c)."""
-        was_training = self.training
-        self.eval()
-        feats = self.features(x, (y >= 0).sum(-1))
-        self.train(was_training)
+        with eval_mode(self):
+            feats = self.features(x, (y >= 0).sum(-1))
         u = mean_abs(feats.unary, feats.lengths).mean().item()
         w = feats.pairwise.abs().mean().item()
         return {"potentials/unary_mean_abs": u, "potentials/pairwise_mean_abs": w,

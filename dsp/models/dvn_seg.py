@@ -9,14 +9,11 @@ the first) and a linear output s(x, ȳ); v(x, ȳ) = σ(s) ∈ [0, 1] regresses t
 is 3.8 million (the first fully connected layer sees 8·8·128 values).
 
 The model speaks the contract of the multi-label DVN (`dsp.models.dvn`), so GradientInference and
-ValueObjective work unchanged: features(x) keeps the image and zero "logits" [B, H·W], ȳ is a flat
-[B, H·W] vector to the inference code (whose convergence tests and masks assume [B, L]), and
-energy(ȳ) = -v(x, ȳ). `score` and `value` accept ȳ as [B, H·W] or [B, H, W]. The features carry
-no per-pixel evidence of their own: x is only looked at together with ȳ, so mode "local" is
-meaningless (σ(0) = 0.5 everywhere); prediction is always the ascent from ȳ = 0.
-
-`MaskGradientInference` is GradientInference returning masks [B, H, W] (what SegmentationTask and
-the value objective's tuples expect) instead of the flat [B, H·W] it optimises.
+ValueObjective work unchanged: features(x) keeps the image and zero "logits" [B, H, W] (the shape of
+ȳ; GradientInference optimises any output shape as a flat vector per example), and
+energy(ȳ) = -v(x, ȳ). The features carry no per-pixel evidence of their own: x is only looked at
+together with ȳ, so mode "local" is meaningless (σ(0) = 0.5 everywhere); prediction is always the
+ascent from ȳ = 0.
 
 The shared conv settings live in a node named `unary` (base_width, depth, kernel_size), like the
 UNet unaries of the other horses presets, so `model.unary.base_width=4 model.unary.depth=2` shrinks
@@ -24,14 +21,13 @@ any horses model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsp.errors import DspError
-from dsp.inference.gradient import GradientInference
 
 
 class ConvLayers(nn.Module):
@@ -57,8 +53,8 @@ class ConvLayers(nn.Module):
 
 @dataclass
 class MaskValueFeatures:
-    """What inference needs from x: the images [B, C, H, W] and zero logits [B, H·W] (the flat
-    shape of ȳ seen by the inference code)."""
+    """What inference needs from x: the images [B, C, H, W] and zero logits [B, H, W] (the shape of
+    ȳ; no per-pixel evidence, inference starts from ȳ = 0)."""
 
     features: torch.Tensor
     logits: torch.Tensor
@@ -68,8 +64,8 @@ class MaskValueFeatures:
 
     @property
     def unary(self) -> torch.Tensor:
-        """[B, H, W] zero logits, for SegmentationTask's mode "local" (no per-pixel evidence)."""
-        return self.logits.view(self.features.shape[0], *self.features.shape[-2:])
+        """The zero logits [B, H, W], for SegmentationTask's mode "local"."""
+        return self.logits
 
 
 class SegmentationValueNetwork(nn.Module):
@@ -99,10 +95,10 @@ class SegmentationValueNetwork(nn.Module):
 
     def features(self, x: torch.Tensor) -> MaskValueFeatures:
         b, _, h, w = x.shape
-        return MaskValueFeatures(x, x.new_zeros(b, h * w))
+        return MaskValueFeatures(x, x.new_zeros(b, h, w))
 
     def score(self, y: torch.Tensor, feats) -> torch.Tensor:
-        """The pre-sigmoid value s(x, ȳ) [B] for ȳ [B, H·W] or [B, H, W]."""
+        """The pre-sigmoid value s(x, ȳ) [B] for masks ȳ [B, H, W]."""
         x = feats.features  # [B, C, H, W]
         mask = y.reshape(x.shape[0], 1, *x.shape[-2:]).to(x.dtype)  # [B, 1, H, W]
         return self.head(self.conv(torch.cat([x, mask], 1)).flatten(1)).squeeze(-1)  # [B]
@@ -119,17 +115,8 @@ class SegmentationValueNetwork(nn.Module):
         return self.value(y, self.features(x))
 
     def local_probs(self, feats) -> torch.Tensor:
-        """Zeros [B, H·W]: the paper's start ȳ = 0 (inference.init=local gives the same)."""
+        """Zeros [B, H, W]: the paper's start ȳ = 0 (inference.init=local gives the same)."""
         return torch.zeros_like(feats.logits)
-
-
-class MaskGradientInference(GradientInference):
-    """GradientInference on flat ȳ [B, H·W], returning masks [B, H, W] shaped like the images."""
-
-    def __call__(self, model, feats, augment=None, y0=None, train: bool = False):
-        images = feats.features  # [B, C, H, W]
-        res = super().__call__(model, feats, augment, None if y0 is None else y0.flatten(1), train)
-        return replace(res, y=res.y.reshape(images.shape[0], *images.shape[-2:]))
 
 
 @dataclass

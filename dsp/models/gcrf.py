@@ -27,6 +27,7 @@ from torch import nn
 
 from dsp.errors import DspError
 from dsp.inference.cg import effective_lambda, gcrf_solve
+from dsp.training.predict import eval_mode
 
 
 @dataclass
@@ -125,11 +126,9 @@ class GaussianCRF(nn.Module):
         """Mean |α u| and mean |W_ij| = mean |A_iᵀA_j| over pixel pairs (on the first 16 images:
         P×P per image), and their ratio (the unary / pairwise balance of the paper's §5, Fig. 1b);
         the mean λ_eff."""
-        was_training = self.training
-        self.eval()
-        feats = self.features(x)
-        s, iterations, _ = feats.solve()
-        self.train(was_training)
+        with eval_mode(self):
+            feats = self.features(x)
+            s, iterations, _ = feats.solve()
         u = feats.unary.abs().mean().item()
         out = {"potentials/unary_mean_abs": u, "potentials/unary_scale": self.unary_scale.item(),
                "potentials/score_mean_abs": s.abs().mean().item(), "potentials/cg_iterations": float(iterations)}

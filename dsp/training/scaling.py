@@ -9,6 +9,7 @@ import torch
 
 from dsp.errors import DspError
 from dsp.tasks.sequence import lengths_of
+from dsp.training.predict import eval_mode
 
 
 def choose_unary_scale(model, objective, x, y, min_exp: int = -8, max_exp: int = 8, subset: int = 2000,
@@ -19,18 +20,15 @@ def choose_unary_scale(model, objective, x, y, min_exp: int = -8, max_exp: int =
                        "and a CRF objective; set trainer.online_scaling=null for this model")
     gen = torch.Generator().manual_seed(seed)  # the same subset every epoch
     idx = torch.randperm(x.shape[0], generator=gen)[: min(subset, x.shape[0])].to(x.device)
-    was_training = model.training
-    model.eval()
     grid = [2.0 ** t for t in range(min_exp, max_exp + 1)]
-    totals = torch.zeros(len(grid), dtype=torch.float64)
-    with torch.no_grad():
+    totals = torch.zeros(len(grid), dtype=torch.float64, device=x.device)  # summed on the device: no syncs
+    with eval_mode(model), torch.no_grad():
         for start in range(0, idx.shape[0], batch_size):
             xb, yb = x[idx[start : start + batch_size]], y[idx[start : start + batch_size]]
             lengths = lengths_of(yb)
             raw = model.unary_net(xb, lengths)  # [B, T, K], computed once for the whole grid
             for i, alpha in enumerate(grid):
                 totals[i] += objective.loss_on(model.potentials(raw, lengths, scale=alpha), yb).double() * xb.shape[0]
-    model.train(was_training)
     best = int(totals.argmin())
     model.unary_scale.fill_(grid[best])
     return {"scaling/alpha": grid[best], "scaling/subset_loss": float(totals[best]) / idx.shape[0]}
