@@ -45,6 +45,43 @@ def build_objective(cfg: DictConfig):
     return instantiate(cfg.objective, "objective")
 
 
+# Modules whose second derivative is zero or undefined: unrolled learning differentiates ∇_y E.
+NOT_TWICE_DIFFERENTIABLE = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.Hardtanh,
+                            torch.nn.Threshold, torch.nn.MaxPool1d, torch.nn.MaxPool2d)
+
+
+def attach_inference(model: torch.nn.Module, inference) -> None:
+    """Inference with trainable parts (the learned step sizes of unrolled descent) becomes the
+    child `model.inference`: stages can train it, optimisers see it, checkpoints save it."""
+    if isinstance(inference, torch.nn.Module) and any(True for _ in inference.parameters()):
+        if "inference" in dict(model.named_children()):
+            raise DspError("the model already has a part named `inference`; rename it")
+        model.add_module("inference", inference)
+
+
+def check_compatible(model: torch.nn.Module, inference, objective) -> None:
+    """Refuse, at start-up, combinations that cannot learn: an unrolled objective needs an
+    unrolled optimiser and an energy that is twice differentiable in y."""
+    if not getattr(objective, "needs_second_order", False):
+        return
+    from dsp.inference.unrolled import UnrolledGradientDescent
+
+    if not isinstance(inference, UnrolledGradientDescent):
+        raise DspError(f"objective=unrolled back-propagates through the optimiser, which "
+                       f"{type(inference).__name__} does not offer: use inference=unrolled_gd "
+                       f"(or inference=unrolled_denoise for images)")
+    for part in getattr(model, "y_parts", ()):
+        module = getattr(model, part, None)
+        for name, sub in ([] if module is None else module.named_modules()):
+            if isinstance(sub, NOT_TWICE_DIFFERENTIABLE):
+                where = f"model.{part}" + (f".{name}" if name else "")
+                raise DspError(
+                    f"{where} is a {type(sub).__name__}, whose second derivative is zero or undefined, "
+                    f"but objective=unrolled differentiates the energy's gradient in y (End-to-end SPENs "
+                    f"§5). Use a smooth activation for the parts that see y, e.g. activation: softplus:25"
+                )
+
+
 def match_inference(inference, objective) -> None:
     """Let an inference routine with a choice to make (chain decoding, method=auto) follow the
     objective it was trained with."""
@@ -77,11 +114,12 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
     state = load_checkpoint(path, map_location=device)
     cfg = OmegaConf.create(state["config"])
     model = build_model(cfg)
+    inference = build_inference(cfg)
+    attach_inference(model, inference)  # before loading: learned step sizes live in the state
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise DspError(f"checkpoint {path} does not fit the model its config describes: {err}") from None
     model.to(device).eval()
-    inference = build_inference(cfg)
     match_inference(inference, build_objective(cfg))
     return LoadedRun(cfg, model, inference, None if state["threshold"] is None else float(state["threshold"]), state["predict"], state)

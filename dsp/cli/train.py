@@ -9,7 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dsp.build import build_data, build_inference, build_model, build_objective, match_inference
+from dsp.build import (attach_inference, build_data, build_inference, build_model, build_objective,
+                       check_compatible, match_inference)
 from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training.stages import build_stages
@@ -33,6 +34,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     inference = build_inference(cfg)
     objective = build_objective(cfg)
     match_inference(inference, objective)
+    check_compatible(model, inference, objective)
+    attach_inference(model, inference)
     stages = build_stages(cfg.trainer, objective, model)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     trainer = Trainer(cfg.trainer, model, inference, stages, data, run_dir, device, config_dict, cfg.seed)

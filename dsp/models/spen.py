@@ -81,6 +81,8 @@ class GlobalEnergy(nn.Module):
 class SPEN(nn.Module):
     """Feature network + local energy + optional global energy; see the module docstring."""
 
+    y_parts = ("global_energy",)  # the parts that see ȳ (twice differentiable for unrolled learning)
+
     def __init__(self, num_labels: int, feature_net: nn.Module, local_energy, global_energy=None):
         """`local_energy` and `global_energy` are factories (Hydra `_partial_` nodes) that get the
         sizes wired in here, so a config never repeats the feature width."""

@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 from dsp.errors import DspError
+from dsp.nn.smooth import SoftAbs
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
+    "softabs": SoftAbs,
     "hardtanh": nn.Hardtanh,
     "softplus": nn.Softplus,
     "tanh": nn.Tanh,
@@ -19,10 +21,23 @@ ACTIVATIONS = {
 
 
 def make_activation(name: str) -> nn.Module:
+    """`name` or `name:temperature` for the smooth ones (softplus:25 is (1/25)·log(1 + e^{25x}),
+    a ReLU that stays twice differentiable, as unrolled inference needs)."""
+    base, _, temp = name.lower().partition(":")
+    if base not in ACTIVATIONS:
+        raise DspError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)} "
+                       f"(softplus and softabs take a temperature, e.g. softplus:25)")
+    if not temp:
+        return ACTIVATIONS[base]()
+    if base not in ("softplus", "softabs"):
+        raise DspError(f"activation {name!r}: only softplus and softabs take a temperature")
     try:
-        return ACTIVATIONS[name.lower()]()
-    except KeyError:
-        raise DspError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}") from None
+        beta = float(temp)
+    except ValueError:
+        beta = -1.0
+    if beta <= 0:
+        raise DspError(f"activation {name!r}: the temperature after ':' must be a positive number")
+    return ACTIVATIONS[base](beta=beta)
 
 
 class MLP(nn.Module):

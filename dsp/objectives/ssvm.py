@@ -21,8 +21,8 @@ class SSVMLoss:
     def loss(self, model, inference, x, y):
         feats = model.features(x)
 
-        def margin(y_bar: torch.Tensor) -> torch.Tensor:
-            return self.margin_weight * self.delta(y_bar, y)
+        def margin(y_bar: torch.Tensor) -> torch.Tensor:  # outputs of any shape (labels, images)
+            return self.margin_weight * self.delta(y_bar.flatten(1), y.flatten(1))  # [B]
 
         result = inference(model, feats, augment=margin, train=True)
         y_hat = result.y  # detached: the subgradient only flows through E

@@ -1,0 +1,10 @@
+"""Mean squared error of a feed-forward prediction: the denoising CNN baseline (End-to-end SPENs
+§6.1.3) and, more generally, any model whose `local_probs` is its output."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+
+class LocalMSE:
+    def loss(self, model, inference, x, y):
+        return F.mse_loss(model.local_probs(model.features(x)), y), {}
