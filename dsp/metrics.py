@@ -1,4 +1,4 @@
-"""Task metrics reported by the papers. All return percentages (0-100) as Python floats.
+"""Task metrics reported by the papers, as Python floats: percentages (0-100), except PSNR (dB).
 
 Inputs are 0/1 tensors `[N, L]` (or anything `bool()`-able), predictions already decoded.
 """
@@ -116,3 +116,20 @@ def chunk_f1(pred: torch.Tensor, target: torch.Tensor, label_names: list[str]) -
     precision = 100.0 * n_correct / n_found_guessed if n_found_guessed else 0.0
     recall = 100.0 * n_correct / n_found_true if n_found_true else 0.0
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+# Image denoising (End-to-end SPENs §6.1): intensities in [0, 1].
+
+MIN_MSE = 1e-10  # PSNR of an exact match: 10·log10(1 / 1e-10) = 100 dB, large but finite
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB for images in [0, 1], averaged over images (dim 0).
+
+    Per image i: 10·log10(1 / MSE_i), with the prediction clamped to [0, 1] first (the valid
+    intensity range, so overshooting never costs more than the clipped value) and MSE_i floored
+    at MIN_MSE so that a perfect image scores 100 dB instead of infinity. Any trailing shape.
+    """
+    diff = pred.detach().double().clamp(0, 1) - target.detach().double()
+    mse = diff.pow(2).flatten(1).mean(1).clamp_min(MIN_MSE)  # [N]
+    return (10.0 * torch.log10(1.0 / mse)).mean().item()

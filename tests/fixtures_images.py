@@ -1,4 +1,5 @@
 """A tiny rgb/ + figure_ground/ folder (no ../shared/data): a bright ellipse on a noisy background.
+write_plain_images() writes a plain folder of grayscale images (denoising).
 
 Like the Weizmann horses, images are JPEG and masks are greyscale JPEG of another size than their
 image, so loading has to resize both and threshold the masks. `tiny_images_overrides(root)` gives
@@ -40,3 +41,16 @@ def tiny_images_overrides(root: Path, n: int = 8) -> list[str]:
         f"data.test=[{n - 1},{n}]", "model.unary.base_width=4", "model.unary.depth=2",
         "trainer.max_epochs=1", "trainer.progress=false", "trainer.batch_size=4",
     ]
+
+
+def write_plain_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0, ext: str = "png") -> Path:
+    """Write folder/imgNNN.<ext> (NNN from 001), one grayscale image per (height, width) in sizes, of
+    random values in [20, 255]: never 0, so a zero in a crop reveals padding. Returns folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (h, w) in enumerate(sizes, start=1):
+        img = rng.integers(20, 256, (h, w), dtype=np.uint8)
+        Image.fromarray(img).save(folder / f"img{k:03d}.{ext}")
+    return folder

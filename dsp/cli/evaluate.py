@@ -2,7 +2,10 @@
 
 Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz and prints the
 metrics. Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
-int64 [N, T] padded with -1, lengths [N], labels (index -> tag name).
+int64 [N, T] padded with -1, lengths [N], labels (index -> tag name); segmentation: pred and target
+uint8 [N, H, W], score float32 [N, H, W]; denoising: pred, target, noisy float32 [N, H, W] in [0, 1].
+Tasks with figures also get DIR/eval/<name>.png (denoising: eval/denoising.png, rows noisy /
+prediction / clean).
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from dsp.training.checkpoint import _atomic, write_json
 from dsp.training.trainer import resolve_device
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", device="cpu", batch_size=1024):
-    """Evaluate a run folder's checkpoint on one split; returns (metrics, arrays)."""
+def _evaluate(run_dir, split, ckpt, device, batch_size):
+    """(metrics, arrays, figures) of a run folder's checkpoint on one split."""
     run = load_run(run_dir, ckpt=ckpt, device=device)
     data = run.data()
     task = task_for(data)
@@ -29,7 +32,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", d
     out, iters = task.predict(run.model, run.inference, x, y, batch_size, run.predict_mode)
     metrics = {f"{split}/{k}": v for k, v in task.evaluate(out, y, run.threshold).items()}
     metrics[f"{split}/inference_iters"] = iters
-    return metrics, task.arrays(out, y, run.threshold)
+    figures = task.figures(out, y, x) if hasattr(task, "figures") else {}
+    return metrics, task.arrays(out, y, run.threshold, x=x), figures
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", device="cpu", batch_size=1024):
+    """Evaluate a run folder's checkpoint on one split; returns (metrics, arrays)."""
+    metrics, arrays, _ = _evaluate(run_dir, split, ckpt, device, batch_size)
+    return metrics, arrays
 
 
 def save_npz(arrays: dict, path: Path) -> None:
@@ -41,13 +51,22 @@ def save_npz(arrays: dict, path: Path) -> None:
     _atomic(path, write)
 
 
+def save_png(image: np.ndarray, path: Path) -> None:
+    """A uint8 [H, W] (grayscale) or [H, W, 3] image as PNG, written atomically."""
+    from PIL import Image
+
+    _atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
 @user_errors
 def _main(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
-    metrics, arrays = evaluate_run(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size)
+    metrics, arrays, figures = _evaluate(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size)
     write_json(metrics, run_dir / "eval" / "metrics.json")
     save_npz(arrays, run_dir / "eval" / "predictions.npz")
+    for name, image in figures.items():
+        save_png(image, run_dir / "eval" / f"{name}.png")
     print_table(metrics, f"{run_dir} ({cfg.ckpt}.pt, {cfg.split} split):")
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 
 def task_for(data):
-    """The task of a loaded dataset: sequences (OCR, chunking), image masks or multi-label vectors."""
+    """The task of a loaded dataset: sequences (OCR, chunking), image masks, denoising images or
+    multi-label vectors."""
+    from dsp.data.denoise import DenoiseSplits
     from dsp.data.images import ImageMaskSplits
     from dsp.data.sequences import SequenceSplits
     from dsp.tasks.multilabel import MultiLabelTask
@@ -11,6 +13,10 @@ def task_for(data):
 
     if isinstance(data, SequenceSplits):
         return SequenceTask(data.label_names)
+    if isinstance(data, DenoiseSplits):
+        from dsp.tasks.denoising import DenoisingTask
+
+        return DenoisingTask(data.crop, data.sigma, data.pixels)
     if isinstance(data, ImageMaskSplits):
         from dsp.tasks.segmentation import SegmentationTask
 

@@ -65,7 +65,7 @@ class MultiLabelTask:
     def evaluate(self, soft, y, threshold) -> dict[str, float]:
         return evaluate(decode(soft, threshold), y)
 
-    def arrays(self, soft, y, threshold) -> dict[str, np.ndarray]:
+    def arrays(self, soft, y, threshold, x=None) -> dict[str, np.ndarray]:
         return {
             "pred": decode(soft, threshold).cpu().numpy().astype(np.uint8),  # [N, L]
             "target": y.cpu().numpy().astype(np.uint8),  # [N, L]

@@ -72,7 +72,7 @@ class SegmentationTask:
         pred = decode(probs)
         return {"mean_iou": mean_iou(pred, y), "global_iou": global_iou(pred, y)}
 
-    def arrays(self, probs, y, state=None) -> dict[str, np.ndarray]:
+    def arrays(self, probs, y, state=None, x=None) -> dict[str, np.ndarray]:
         return {
             "pred": decode(probs).cpu().numpy().astype(np.uint8),  # [N, H, W]
             "target": y.cpu().numpy().astype(np.uint8),  # [N, H, W]

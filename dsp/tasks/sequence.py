@@ -66,7 +66,7 @@ class SequenceTask:
             out["chunk_f1"] = M.chunk_f1(pred, y, self.label_names)
         return out
 
-    def arrays(self, pred, y, state=None) -> dict[str, np.ndarray]:
+    def arrays(self, pred, y, state=None, x=None) -> dict[str, np.ndarray]:
         return {
             "pred": pred.cpu().numpy().astype(np.int64),  # [N, T], -1 at padding
             "target": y.cpu().numpy().astype(np.int64),  # [N, T], -1 at padding

@@ -63,6 +63,7 @@ class Trainer:
         self.splits = {s: tuple(t.to(device) for t in data.split(s).tensors) for s in ("train", "val", "test")}
         self.step = 0
         self.global_epoch = 0
+        self._last_val = None  # (out, y, x) of the latest validation, for tasks with figures
 
     # ----------------------------------------------------------------------------------- eval
     def predict(self, split: str, mode: str):
@@ -72,6 +73,8 @@ class Trainer:
 
     def validate(self, mode: str):
         out, y, iters = self.predict("val", mode)
+        if hasattr(self.task, "figures"):  # kept for _log_epoch's TensorBoard images
+            self._last_val = (out, y, self.splits["val"][0])
         threshold = self.task.calibrate(out, y, self.cfg.threshold)
         metrics = self.task.evaluate(out, y, threshold)
         if self.monitor not in metrics:
@@ -249,6 +252,9 @@ class Trainer:
             writer.add_scalar("val/threshold", threshold, e)
         writer.add_scalar("val/inference_iters", iters, e)
         writer.add_scalar("lr", optimizer.param_groups[0]["lr"], e)
+        if self._last_val is not None:  # e.g. denoising: noisy / prediction / clean
+            for name, arr in self.task.figures(*self._last_val).items():
+                writer.add_image(f"val/{name}", arr, e, dataformats="HW")
         diagnostics = getattr(self.model, "diagnostics", None)
         if diagnostics is not None:  # e.g. the CRF's unary / pairwise ratio (scaling paper, Fig. 1b)
             x, y = (t[: self.cfg.eval_batch_size] for t in self.splits["train"])
