@@ -54,3 +54,12 @@ def write_plain_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0
         img = rng.integers(20, 256, (h, w), dtype=np.uint8)
         Image.fromarray(img).save(folder / f"img{k:03d}.{ext}")
     return folder
+
+
+def tiny_denoise_overrides(root: Path) -> list[str]:
+    """Hydra overrides that train a denoising preset on six tiny images under root/rgb in seconds."""
+    write_plain_images(root / "rgb", [(12, 16), (10, 14), (14, 12), (12, 18), (11, 15), (12, 16)])
+    return [
+        f"data.root={root}", "data.crop=[8,12]", "data.train=[1,4]", "data.val=[3,4]", "data.test=[5,6]",
+        "trainer.max_epochs=1", "trainer.progress=false", "trainer.batch_size=2",
+    ]

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import write_mulan, write_ocr
-from fixtures_images import tiny_images_overrides, write_image_folder
+from fixtures_images import tiny_denoise_overrides, tiny_images_overrides, write_image_folder
 from fixtures_text import write_conll
 from dsp.cli.common import config_dir
 from dsp.cli.train import train
@@ -38,6 +38,8 @@ def tiny_data_overrides(cfg_target: str, tmp_path: Path) -> list[str]:
         return [f"data.path={write_ocr(tmp_path / 'ocr' / 'letter.data.gz')}", *QUICK_CRF]
     if cfg_target.endswith("load_horses"):
         return tiny_images_overrides(write_image_folder(tmp_path / "horses"))
+    if cfg_target.endswith("load_denoise_images"):
+        return tiny_denoise_overrides(tmp_path / "denoise")
     if cfg_target.endswith("load_conll2000"):
         train_txt, test_txt = write_conll(tmp_path / "conll")
         return [f"data.train={train_txt}", f"data.test={test_txt}", *QUICK_CRF, "model.unary_net.word_dim=8",
@@ -49,9 +51,16 @@ def tiny_data_overrides(cfg_target: str, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_composes_and_trains_a_few_steps(preset, tmp_path):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        target = compose("config", overrides=[f"experiment={preset}"]).data._target_
+        full = compose("config", overrides=[f"experiment={preset}"])
+        target = full.data._target_
         tiny = tiny_data_overrides(target, tmp_path)
-        cfg = compose("config", overrides=[f"experiment={preset}", *(tiny if target.endswith(("load_ocr", "load_conll2000", "load_horses")) else QUICK + tiny)])
+        if target.endswith(("load_ocr", "load_conll2000", "load_horses", "load_denoise_images")):
+            quick = []  # the tiny-data overrides above carry their own quick settings
+        elif "steps" in full.inference:  # unrolled inference: T steps instead of an iteration cap
+            quick = [q for q in QUICK if not q.startswith("inference.")] + ["inference.steps=2"]
+        else:
+            quick = QUICK
+        cfg = compose("config", overrides=[f"experiment={preset}", *quick, *tiny])
     metrics = train(cfg, tmp_path / "run")
     for key in (f"val/{metrics.monitor}", f"test/{metrics.monitor}", "train/time_s"):
         assert key in metrics and np.isfinite(metrics[key])
