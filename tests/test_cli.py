@@ -219,3 +219,30 @@ def test_min_delta_counts_small_gains_as_no_progress(tmp_path):
         lenient = compose("config", overrides=[*common, "trainer.min_delta=0", "trainer.patience=100"])
     assert train(strict, tmp_path / "strict")["train/epochs"] == 2
     assert train(lenient, tmp_path / "lenient")["train/epochs"] == 6
+
+
+def test_denoising_train_then_eval_restores_learned_step_sizes_and_writes_images(tmp_path):
+    run = tmp_path / "run"
+    tiny = tiny_denoise_overrides(tmp_path / "denoise")
+    proc = run_cli("dsp-train", "experiment=foe3", *tiny, "trainer.max_epochs=2", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    state = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    assert "inference.log_lr" in state["model"]  # the learned η_t travel with the model
+    proc = run_cli("dsp-eval", f"run_dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    arrays = np.load(run / "eval" / "predictions.npz")
+    assert arrays["pred"].shape == arrays["target"].shape == arrays["noisy"].shape == (2, 8, 12)
+    assert arrays["pred"].dtype == np.float32 and 0 <= arrays["pred"].min() and arrays["pred"].max() <= 1
+    assert (run / "eval" / "denoising.png").is_file()
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())
+    assert evaluated["test/psnr"] == pytest.approx(metrics["test/psnr"], abs=1e-4)
+
+
+def test_unrolled_objective_with_a_relu_energy_is_refused_at_start_up(tmp_path):
+    tr, te, xml = write_mulan(tmp_path / "mulan" / "tiny")
+    proc = run_cli("dsp-train", "model=spen", "objective=unrolled", "inference=unrolled_gd", "data=mulan",
+                   f"data.train={tr}", f"data.test={te}", f"data.labels_xml={xml}", "data.num_labels=null",
+                   "model.global_energy.activation=relu", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "model.global_energy.activation is a ReLU" in proc.stderr and "softplus" in proc.stderr

@@ -135,6 +135,9 @@ class FeedForwardDenoiser(nn.Module):
             nn.Conv2d(channels, 1, 1),
         )
         self.residual = residual
+        if residual:  # start as the identity (y = x) rather than from a random correction
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x.unsqueeze(1)).squeeze(1)  # [B, H, W]
