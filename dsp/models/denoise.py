@@ -80,7 +80,7 @@ class FieldOfExperts(nn.Module):
 class DeepPrior(nn.Module):
     """R(y) = Σ_p conv1×1(g(conv(g(conv(y)))))_p  (Eq. 15), g a smooth activation."""
 
-    def __init__(self, channels: int = 32, kernel: int = 7, activation: str = "softplus", convex: bool = False):
+    def __init__(self, channels: int = 32, kernel: int = 7, activation: str = "softplus:25", convex: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(1, channels, kernel)
         self.conv2 = nn.Conv2d(channels, channels, kernel)
@@ -127,7 +127,7 @@ class FeedForwardDenoiser(nn.Module):
 
     is_structured = False
 
-    def __init__(self, channels: int = 32, kernel: int = 7, activation: str = "softplus", residual: bool = True):
+    def __init__(self, channels: int = 32, kernel: int = 7, activation: str = "softplus:25", residual: bool = True):
         super().__init__()
         self.net = nn.Sequential(
             nn.ReflectionPad2d(kernel // 2), nn.Conv2d(1, channels, kernel), make_activation(activation),
