@@ -13,6 +13,7 @@ from dsp.build import (attach_inference, build_data, build_inference, build_mode
                        check_compatible, match_inference)
 from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
+from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted
 from dsp.training.stages import build_stages
 from dsp.training.trainer import Trainer, resolve_device, set_seed
 
@@ -48,6 +49,9 @@ def _main(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         metrics = train(cfg, run_dir)
+    except Preempted as stop:  # the whole process is going away: a sweep stops here too
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(PREEMPTED)
     except DspError as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise

@@ -4,6 +4,10 @@ stopping, crash-safe checkpoints, resume, TensorBoard and tqdm.
 Run folder (the contract other tools rely on):
     checkpoints/last.pt   every epoch        checkpoints/best.pt   on validation improvement
     tb/                   TensorBoard        metrics.json          final "<split>/<metric>" numbers
+last.pt is also written when a stage starts and, on SIGTERM, in the middle of an epoch
+(`epoch_offset` examples into epoch `epoch + 1`); its predecessor is kept as last.prev.pt. Resuming
+from it replays exactly what the uninterrupted run would have done: the model, optimiser, schedule,
+counters and RNG states are restored and every epoch's shuffle is a function of (seed, stage, epoch).
 best.pt holds the best validation epoch of the current stage, where the model the stage starts
 from (epoch 0) counts too; each stage ends by restoring it (early stopping), so after the last stage
 best.pt is the model that is evaluated.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,9 @@ from tqdm.auto import tqdm
 
 from dsp.errors import DspError
 from dsp.tasks import task_for
-from dsp.training.checkpoint import load_checkpoint, save_checkpoint, write_json
+from dsp.training.checkpoint import (load_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state,
+                                     write_json)
+from dsp.training.preemption import Preempted, StopRequest, after_step
 from dsp.training.scaling import choose_unary_scale
 from dsp.training.stages import Stage
 
@@ -64,6 +71,7 @@ class Trainer:
         self.step = 0
         self.global_epoch = 0
         self._last_val = None  # (out, y, x) of the latest validation, for tasks with figures
+        self._stop = StopRequest()  # entered by fit(): SIGTERM asks for a stop at the next safe point
 
     # ----------------------------------------------------------------------------------- eval
     def predict(self, split: str, mode: str):
@@ -83,7 +91,8 @@ class Trainer:
         return metrics, threshold, iters
 
     # ---------------------------------------------------------------------------- checkpoints
-    def _state(self, stage_index, epoch, best, bad_epochs, threshold, optimizer, scheduler):
+    def _state(self, stage_index, epoch, best, bad_epochs, threshold, optimizer, scheduler, offset=0):
+        """Plain values and tensors only: checkpoints load with torch.load(weights_only=True)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -91,7 +100,8 @@ class Trainer:
             "stage_index": stage_index,
             "stage": self.stages[stage_index].name,
             "predict": self.stages[stage_index].predict,
-            "epoch": epoch,
+            "epoch": epoch,  # the stage's last completed epoch
+            "epoch_offset": offset,  # examples of epoch + 1 already trained on (a SIGTERM checkpoint)
             "global_epoch": self.global_epoch,
             "step": self.step,
             "best_metric": best,
@@ -99,11 +109,21 @@ class Trainer:
             "threshold": threshold,
             "config": self.config_dict,
             "seed": self.seed,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "rng": rng_state(),
         }
 
+    def _save_last(self, state: dict) -> None:
+        """Write last.pt, then stop here if SIGTERM asked for it (this is a safe point)."""
+        save_checkpoint(state, self.ckpt_dir / "last.pt", keep_previous=True)
+        if self._stop.requested:
+            where = (f"{state['epoch_offset']} examples into epoch {state['epoch'] + 1}" if state["epoch_offset"]
+                     else f"after epoch {state['epoch']}")
+            raise Preempted(
+                f"SIGTERM received: saved {self.ckpt_dir / 'last.pt'} at stage {state['stage']!r}, {where} "
+                f"(step {self.step}); continue with trainer.resume=true hydra.run.dir={self.run_dir}"
+            )
+
     def _resume_state(self):
-        last = self.ckpt_dir / "last.pt"
         if not self.cfg.resume:
             if any(self.ckpt_dir.glob("*.pt")):  # never overwrite a finished or running run
                 raise DspError(
@@ -111,9 +131,10 @@ class Trainer:
                     f"that run, or choose another hydra.run.dir"
                 )
             return None
-        if not last.is_file():
+        latest = load_latest(self.ckpt_dir, map_location=self.device)  # last.pt, or last.prev.pt
+        if latest is None:
             return None  # nothing to resume yet: start the run
-        state = load_checkpoint(last, map_location=self.device)
+        state, last = latest
         if state["stage_index"] >= len(self.stages) or state["stage"] != self.stages[state["stage_index"]].name:
             raise DspError(f"{last} was written by stage {state['stage']!r}, which this config's "
                            f"trainer.stages does not have at that position; resume with the run's own config")
@@ -122,10 +143,10 @@ class Trainer:
         except RuntimeError as err:
             raise DspError(f"{last} does not fit the model of this config ({err}); resume with the run's own config") from None
         self.step, self.global_epoch = state["step"], state["global_epoch"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        tqdm.write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}")
+        set_rng_state(state["rng"])
+        offset = state.get("epoch_offset", 0)  # absent from checkpoints older than SIGTERM handling
+        tqdm.write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}"
+                   + (f", example {offset}" if offset else ""))
         return state
 
     # ---------------------------------------------------------------------------------- train
@@ -134,7 +155,7 @@ class Trainer:
         resume = self._resume_state()
         writer = SummaryWriter(str(self.run_dir / "tb"))
         first_stage = resume["stage_index"] if resume else 0
-        try:
+        with self._stop, closing(writer):
             for i in range(first_stage, len(self.stages)):
                 self._fit_stage(i, writer, resume if i == first_stage else None)
             metrics = self.final_metrics()
@@ -142,8 +163,6 @@ class Trainer:
             metrics["train/epochs"] = self.global_epoch
             metrics.update(peak_memory_mb(self.device))
             writer.add_hparams(self.hparams(), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
-        finally:
-            writer.close()
         write_json(metrics, self.run_dir / "metrics.json")
         return metrics
 
@@ -158,24 +177,30 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=stage.lr_factor, patience=stage.lr_patience, **plateau
         )
-        best, bad_epochs, first_epoch = -math.inf, 0, 1
+        best, bad_epochs, first_epoch, offset = -math.inf, 0, 1, 0
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
-            best, bad_epochs, first_epoch = resume["best_metric"], resume["bad_epochs"], resume["epoch"] + 1
+            best, bad_epochs, threshold = resume["best_metric"], resume["bad_epochs"], resume["threshold"]
+            first_epoch, offset = resume["epoch"] + 1, resume.get("epoch_offset", 0)
         else:
             # The incoming model (epoch 0) is the stage's baseline: a stage that does not improve
             # on the previous one's result leaves it in best.pt.
             metrics, threshold, _ = self.validate(stage.predict)
             best = metrics[self.monitor]
-            save_checkpoint(self._state(index, 0, best, 0, threshold, optimizer, scheduler), self.ckpt_dir / "best.pt")
+            state = self._state(index, 0, best, 0, threshold, optimizer, scheduler)
+            save_checkpoint(state, self.ckpt_dir / "best.pt")
+            # last.pt follows into the new stage, so a resume never re-enters a finished stage
+            # (whose end reloads best.pt, by now this stage's file).
+            self._save_last(state)
         x, y = self.splits["train"]
         monitor, epoch = self.monitor, first_epoch - 1
         epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
                       disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
         ran = 0
         for epoch in epochs:
-            if bad_epochs >= stage.patience or self._out_of_steps():
+            # (a resumed half epoch is finished first: the uninterrupted run did not stop there)
+            if not offset and (bad_epochs >= stage.patience or self._out_of_steps()):
                 break
             ran += 1
             self.model.train()
@@ -183,8 +208,9 @@ class Trainer:
             # One shuffle per (seed, stage, epoch): a resumed run sees the same batches.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1009 + epoch)
             perm = torch.randperm(x.shape[0], generator=gen).to(self.device)
-            batches = tqdm(range(0, x.shape[0], stage.batch_size), desc=f"epoch {epoch}",
+            batches = tqdm(range(offset, x.shape[0], stage.batch_size), desc=f"epoch {epoch}",
                            disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+            offset = 0
             running = None
             for start in batches:
                 idx = perm[start : start + stage.batch_size]
@@ -208,8 +234,12 @@ class Trainer:
                     writer.add_scalar(f"train/loss_{stage.name}", value, self.step)
                     for k, v in logs.items():
                         writer.add_scalar(f"train/{k}", float(v), self.step)
+                after_step(self.step)  # the kill / preemption test hook (dsp.training.preemption)
                 if self._out_of_steps():
-                    break
+                    break  # (a SIGTERM now stops after this epoch's validation)
+                if self._stop.requested:  # save this point of the epoch and stop
+                    self._save_last(self._state(index, epoch - 1, best, bad_epochs, threshold, optimizer,
+                                                scheduler, offset=start + len(idx)))
             self.global_epoch += 1
             if self.cfg.get("online_scaling"):  # Algorithm 1 of the scaling paper: α after every epoch
                 scaling = dict(self.cfg.online_scaling)
@@ -228,7 +258,7 @@ class Trainer:
             state = self._state(index, epoch, best, bad_epochs, threshold, optimizer, scheduler)
             if improved:
                 save_checkpoint(state, self.ckpt_dir / "best.pt")
-            save_checkpoint(state, self.ckpt_dir / "last.pt")
+            self._save_last(state)
         tqdm.write(f"stage {stage.name}: best val {monitor} {best:.2f} after {ran} epoch(s)")
         # Early stopping: continue from (and finish with) the stage's best weights.
         self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
