@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from fixtures_images import write_image_folder
 from dsp.cli.common import config_dir
 from dsp.data.images import load_horses
+from dsp.errors import DspError
 from dsp.inference.gradient import GradientInference
 from dsp.models.dvn_seg import FCN, SegmentationValueNetwork
 from dsp.objectives.segmentation import UnaryCrossEntropy
@@ -164,10 +165,60 @@ def test_presets_wire_the_paper_settings(preset):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={preset}"])
     assert cfg.data._target_.endswith("load_horses")
+    # §5.2: random crops for training, masks averaged over 36 crops at test time, for both
+    assert (cfg.data.crop, cfg.data.test_crops, cfg.data.combine) == (24, 36, "average")
     if preset == "dvn_horses":
-        assert cfg.model._target_.endswith("SegmentationValueNetwork")
+        assert cfg.model._target_.endswith("SegmentationValueNetwork") and cfg.model.size == 24
         assert cfg.objective.oracle == "iou" and cfg.inference.init_value == 0.0
         assert cfg.inference._target_.endswith("gradient.GradientInference") and cfg.inference.method == "projected"
     else:
         assert cfg.model._target_.endswith("FCN") and cfg.trainer.stages.train.predict == "local"
+        assert cfg.model.upsample == "learned" and cfg.data.val_holdout is False  # final: all 200 images
         assert cfg.objective._target_.endswith("UnaryCrossEntropy")
+
+
+def test_value_network_refuses_inputs_of_another_size():
+    with pytest.raises(DspError, match=r"built for 8×8 inputs .*model.size.*data.crop"):
+        tiny_dvn(size=8).features(torch.rand(2, 3, 12, 12))
+
+
+def test_joint_inference_on_one_whole_image_crop_is_plain_inference_and_masks_stay_in_the_box():
+    model = tiny_dvn(size=8).eval()
+    x, y = torch.rand(3, 3, 8, 8), (torch.rand(3, 8, 8) < 0.5).float()
+    plain, _ = SegmentationTask().predict(model, ascent(max_iter=6), x, y, batch_size=8, mode="inference")
+    one = SegmentationTask(crop=8, test_crops=1, combine="joint")
+    joint, iters = one.predict(model, ascent(max_iter=6), x, y, batch_size=8, mode="inference")
+    assert iters == 6 and torch.allclose(joint, plain, atol=1e-6)
+    # 9 crops of 6×6 in 8×8: full-size masks in [0, 1], both ways of combining
+    crops = tiny_dvn(size=6).eval()
+    for combine in ("average", "joint"):
+        task = SegmentationTask(crop=6, test_crops=9, combine=combine)
+        routine = ascent(max_iter=4, predict={"max_iter": 3})
+        probs, _ = task.predict(crops, routine, x, y, batch_size=20, mode="inference")
+        assert probs.shape == (3, 8, 8) and ((probs >= 0) & (probs <= 1)).all() and probs.abs().sum() > 0
+
+
+def test_dvn_preset_trains_on_crops_and_predicts_by_joint_inference(tmp_path):
+    from dsp.cli.train import train
+    from fixtures_images import tiny_images_overrides
+
+    root = write_image_folder(tmp_path / "horses", n=8)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=dvn_horses", *tiny_images_overrides(root), "data.crop=20",
+                                           "data.test_crops=9", "data.combine=joint", "inference.max_iter=3"])
+    metrics = train(cfg, tmp_path / "run")
+    assert 0 <= metrics["test/mean_iou"] <= 100 and metrics["test/inference_iters"] == 3
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        bad = compose("config", overrides=["experiment=dvn_horses", *tiny_images_overrides(root), "data.crop=null",
+                                           "data.test_crops=null"])
+    with pytest.raises(DspError, match="model.size"):  # the value network cannot see whole 32×32 images
+        train(bad, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("size", [24, 32, 15])
+def test_fcn_learned_upsampling_gives_one_logit_per_pixel(size):
+    fcn = FCN(in_channels=3, unary=TINY, upsample="learned")
+    assert isinstance(fcn.classifier, torch.nn.ConvTranspose2d) and fcn.classifier.stride == (2, 2)
+    assert fcn(torch.rand(2, 3, size, size)).shape == (2, size, size)
+    with pytest.raises(DspError, match="model.upsample"):
+        FCN(in_channels=3, upsample="nearest")

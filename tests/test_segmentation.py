@@ -106,4 +106,152 @@ def test_online_preset_trains_and_evaluates_on_the_fixture(tmp_path):
     assert metrics.monitor == "mean_iou" and {"val/mean_iou", "test/global_iou"} <= set(metrics)
     evaluated, arrays = evaluate_run(tmp_path / "run", split="test")
     assert evaluated["test/mean_iou"] == pytest.approx(metrics["test/mean_iou"])
-    assert arrays["pred"].shape == arrays["target"].shape == arrays["score"].shape == (2, 16, 16)
+    assert arrays["pred"].shape == arrays["target"].shape == arrays["score"].shape == (2, 32, 32)
+
+
+# ------------------------------------------------------------------ the crop protocol (DVN §5.2, §5.4)
+from dataclasses import dataclass  # noqa: E402
+
+from dsp.tasks.segmentation import average_crops, crop_grid, take_crops  # noqa: E402
+
+
+def position_images(b=3, c=2, h=7, w=9):
+    """x [b, c, h, w] whose every value is unique and tells its place: b·1000 + c·100 + row·10 + col,
+    and masks y [b, h, w] = channel 0 of x."""
+    bb, cc, rr, qq = torch.meshgrid(*(torch.arange(n) for n in (b, c, h, w)), indexing="ij")
+    x = (bb * 1000 + cc * 100 + rr * 10 + qq).float()
+    return x, x[:, 0].clone()
+
+
+def test_training_crops_are_windows_inside_the_image_and_vary():
+    x, y = position_images()
+    task = SegmentationTask(crop=4)
+    corners = set()
+    torch.manual_seed(0)
+    for _ in range(100):
+        xc, yc = task.batch(x, y)
+        assert xc.shape == (3, 2, 4, 4) and yc.shape == (3, 4, 4)
+        for b in range(3):
+            r, q = int(xc[b, 0, 0, 0]) % 100 // 10, int(xc[b, 0, 0, 0]) % 10  # the window's top-left pixel
+            assert 0 <= r <= 7 - 4 and 0 <= q <= 9 - 4
+            assert torch.equal(xc[b], x[b, :, r : r + 4, q : q + 4]) and torch.equal(yc[b], y[b, r : r + 4, q : q + 4])
+            corners.add((r, q))
+    assert len(corners) == 4 * 6  # every position of a 4×4 window in 7×9 is drawn
+    assert task.batch(x, y)[0] is not task.batch(x, y)[0]
+    whole = SegmentationTask()
+    assert whole.batch(x, y)[0] is x  # no crop: the batch as it is
+
+
+def test_flipped_training_crops_mirror_image_and_mask_together():
+    x, y = position_images(b=64)
+    torch.manual_seed(0)
+    xc, yc = SegmentationTask(crop=4, flip=True).batch(x, y)
+    mirrored = xc[:, 0, 0, 0] > xc[:, 0, 0, -1]  # columns run backwards
+    assert 0 < mirrored.sum() < 64
+    assert torch.equal(xc[:, 0], yc)  # the mask follows its image
+    unflipped = torch.where(mirrored[:, None, None, None], xc.flip(-1), xc)
+    assert ((unflipped[..., 1:] - unflipped[..., :-1]) == 1).all()  # a plain window again
+
+
+def test_crop_grid_places_36_crops_evenly_and_take_crops_cuts_them():
+    grid = crop_grid((32, 32), 24, 36)
+    assert grid.shape == (36, 2)
+    assert grid[:6, 1].tolist() == [0, 2, 3, 5, 6, 8] and grid[::6, 0].tolist() == [0, 2, 3, 5, 6, 8]
+    assert crop_grid((32, 32), 24, 9)[:3, 1].tolist() == [0, 4, 8]
+    assert crop_grid((32, 30), 24, 1).tolist() == [[4, 3]]  # one crop: centred
+    x, y = position_images(h=32, w=32)
+    crops = take_crops(x, grid, 24)
+    assert crops.shape == (3, 36, 2, 24, 24) and take_crops(y, grid, 24).shape == (3, 36, 24, 24)
+    assert torch.equal(crops[2, 6 + 3], x[2, :, 2:26, 5:29])  # row offset 2, column offset 5
+
+
+@dataclass
+class Feats:
+    features: torch.Tensor  # [B, C, h, w] the crops
+    logits: torch.Tensor  # [B, h, w] zeros: the shape of ȳ
+    unary: torch.Tensor  # [B, h, w] logits of the local prediction
+
+    def detach(self):
+        return self
+
+
+class CropConstant(torch.nn.Module):
+    """A 'model' that predicts, for each crop, a constant mask: the crop's top-left value of
+    channel 0 (the task reads σ(feats.unary) in mode "local")."""
+
+    is_structured = False
+
+    def prediction(self, x):
+        return x[:, 0, :1, :1].expand(x.shape[0], *x.shape[-2:])  # [B, h, w]
+
+    def features(self, x):
+        unary = torch.logit(self.prediction(x).double()).float()  # σ(unary) = the prediction
+        return Feats(x, x.new_zeros(x.shape[0], *x.shape[-2:]), unary)
+
+
+def test_mask_averaging_by_hand_on_four_crops():
+    """4×4 image, 3×3 crops at (0,0) (0,1) (1,0) (1,1) predicting a, b, c, d: each pixel is the mean
+    over the crops that hold it."""
+    a, b, c, d = 0.1, 0.2, 0.4, 0.8
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 0, 0], x[0, 0, 0, 1], x[0, 0, 1, 0], x[0, 0, 1, 1] = a, b, c, d
+    corners = crop_grid((4, 4), 3, 4)
+    assert corners.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    model = CropConstant()
+    crops = take_crops(x, corners, 3).flatten(0, 1)  # [4, 1, 3, 3]
+    out = average_crops(model.prediction(crops).view(1, 4, 3, 3), corners, (4, 4))[0]
+    expected = torch.tensor([[a, (a + b) / 2, (a + b) / 2, b],
+                             [(a + c) / 2, (a + b + c + d) / 4, (a + b + c + d) / 4, (b + d) / 2],
+                             [(a + c) / 2, (a + b + c + d) / 4, (a + b + c + d) / 4, (b + d) / 2],
+                             [c, (c + d) / 2, (c + d) / 2, d]])
+    assert torch.allclose(out, expected)
+
+
+class Identity(CropConstant):
+    """Predicts its input's channel 0 (local), or has E(ȳ) = ||ȳ - x_0||² (inference)."""
+
+    is_structured = True
+
+    def prediction(self, x):
+        return x[:, 0]
+
+    def energy(self, y, feats):
+        return (y.view_as(feats.logits) - feats.features[:, 0]).pow(2).flatten(1).sum(-1)  # [B]
+
+
+def test_36_crop_prediction_of_constant_and_identity_models_gives_the_full_mask():
+    from dsp.inference.gradient import GradientInference
+
+    x = torch.rand(5, 3, 32, 32).clamp(0.01, 0.99)
+    y = (x[:, 0] > 0.5).float()
+    task = SegmentationTask(crop=24, test_crops=36)
+    const = CropConstant()
+    probs, iters = task.predict(const, None, x.new_full(x.shape, 0.3), y, batch_size=40, mode="local")
+    assert probs.shape == (5, 32, 32) and torch.allclose(probs, torch.full_like(probs, 0.3)) and iters == 0
+    probs, _ = task.predict(Identity(), None, x, y, batch_size=72, mode="local")  # 2 images per chunk
+    assert torch.allclose(probs, x[:, 0], atol=1e-5)
+    # joint inference: one 32×32 mask, every pixel steps by the mean gradient of its crops -> x_0
+    ascent = GradientInference(method="projected", lr=0.25, momentum=0.0, max_iter=60, rel_tol=0.0, abs_tol=0.0,
+                               init="constant", init_value=0.0)
+    joint = SegmentationTask(crop=24, test_crops=36, combine="joint")
+    probs, iters = joint.predict(Identity(), ascent, x, y, batch_size=100, mode="inference")
+    assert probs.shape == (5, 32, 32) and iters == 60 and torch.allclose(probs, x[:, 0], atol=1e-4)
+    probs, _ = task.predict(Identity(), ascent, x, y, batch_size=100, mode="inference")  # averaging, per crop
+    assert torch.allclose(probs, x[:, 0], atol=1e-4)
+    with pytest.raises(DspError, match="combine=average"):
+        joint.predict(const, None, x, y, batch_size=100, mode="local")
+
+
+def test_loader_carries_the_crop_protocol_to_the_task_and_checks_it(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", n=8)
+    data = load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), crop=8, test_crops=9, combine="joint")
+    task = task_for(data)
+    assert (task.crop, task.flip, task.test_crops, task.combine) == (8, False, 9, "joint")
+    assert task_for(load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8))).crop is None
+    kept = load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), val_holdout=False)
+    assert kept.names["train"] == [f"img00{k}" for k in range(1, 7)] and kept.names["val"] == ["img005", "img006"]
+    for bad, match in [({"crop": 13}, "data.crop=13"), ({"test_crops": 9}, "needs data.crop"),
+                       ({"crop": 8, "test_crops": 10}, "square"), ({"crop": 10, "test_crops": 16}, "positions"),
+                       ({"crop": 8, "combine": "max"}, "data.combine")]:
+        with pytest.raises(DspError, match=match):
+            load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), **bad)

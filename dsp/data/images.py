@@ -8,7 +8,18 @@ Splits are inclusive 1-based ranges over the images in sorted name order; for th
 image k is horse{k:03d}. The defaults are the 32×32 protocol of DVN §5.2 (Li et al. 2013):
 train horse001-200, test horse201-328, and horse171-200 held out of train for validation while
 tuning (the DVN authors' advice). `val=None` validates on the training images themselves (DVN's
-final fine-tuning on train + val); early stopping then watches the training IoU.
+final fine-tuning on train + val); early stopping then watches the training IoU. `val_holdout=False`
+keeps the val images in train while still validating on them (cheaper than val=None; both are only
+a training-fit monitor, so train a fixed number of epochs).
+
+The loader only carries the crop protocol to the task (dsp.tasks.segmentation), which applies it:
+  crop        train on a uniformly random crop×crop window of each image, fresh every batch
+              (DVN §5.2: "for training data augmentation purposes we randomly crop the image");
+              null trains on whole images. flip: also mirror each crop left-right with p = 1/2.
+  test_crops  predict (val, test, dsp-eval) from a √n × √n grid of crop windows (DVN §5.2, Table 4:
+              9, 25 or 36 crops), combined into one full-size mask by `combine`: "average" (mask
+              averaging) or "joint" (joint inference: gradient steps on the whole mask through all
+              crops at once). null predicts from the whole image.
 
 Decoding is JPEG draft mode + one resize per image: all 328 horses load in about a second, so
 there is no cache.
@@ -39,6 +50,10 @@ class ImageMaskSplits(NamedSplits):
     test: TensorDataset
     names: dict[str, list[str]] = field(default_factory=dict)  # split -> image stems, in order
     label_names: list[str] = field(default_factory=lambda: ["background", "foreground"])
+    crop: int | None = None  # training crop side (None: whole images)
+    flip: bool = False  # random left-right mirroring of training crops
+    test_crops: int | None = None  # crops per image at prediction (a square number; None: whole image)
+    combine: str = "average"  # how test crops become one mask: average | joint
 
     @property
     def num_features(self) -> int:
@@ -103,12 +118,39 @@ def _range(name: str, value, n: int) -> tuple[int, int]:
     return lo, hi
 
 
+def _crop_settings(size: int, crop, flip, test_crops, combine) -> dict:
+    """Check the crop protocol keys at start-up, with the key's name in the error."""
+    if combine not in ("average", "joint"):
+        raise DspError(f"data.combine={combine!r}: choose 'average' (mask averaging) or 'joint' (joint inference)")
+    if crop is None:
+        if test_crops is not None:
+            raise DspError("data.test_crops needs data.crop (the side of the crop windows); set data.crop, "
+                           "or data.test_crops=null to predict from whole images")
+        return {"crop": None, "flip": bool(flip), "test_crops": None, "combine": combine}
+    if not 1 <= int(crop) <= size:
+        raise DspError(f"data.crop={crop} must be between 1 and data.size={size}")
+    crop = int(crop)
+    if test_crops is not None:
+        side = round(int(test_crops) ** 0.5)
+        if int(test_crops) < 1 or side * side != int(test_crops):
+            raise DspError(f"data.test_crops={test_crops} must be a square number (a √n × √n grid: 9, 25, "
+                           f"36, ...) or null")
+        if side > size - crop + 1:
+            raise DspError(f"data.test_crops={test_crops} needs {side} crop positions per side, but a {crop}-pixel "
+                           f"crop has only {size - crop + 1} in a {size}-pixel image; use fewer crops or a "
+                           f"smaller data.crop")
+        test_crops = int(test_crops)
+    return {"crop": crop, "flip": bool(flip), "test_crops": test_crops, "combine": combine}
+
+
 def load_horses(root: str | os.PathLike, size: int = 32, train=(1, 200), test=(201, 328), val=(171, 200),
-                grayscale: bool = False) -> ImageMaskSplits:
+                grayscale: bool = False, val_holdout: bool = True, crop: int | None = None, flip: bool = False,
+                test_crops: int | None = None, combine: str = "average") -> ImageMaskSplits:
     """Load an rgb/ + figure_ground/ folder pair, resized to size×size (bilinear; masks thresholded)."""
     if int(size) < 1:
         raise DspError(f"data.size must be >= 1, got {size}")
     root, size = Path(root), int(size)
+    protocol = _crop_settings(size, crop, flip, test_crops, combine)
     files = _pair_files(root)
     n = len(files)
     tr, te = _range("train", train, n), _range("test", test, n)
@@ -129,7 +171,7 @@ def load_horses(root: str | os.PathLike, size: int = 32, train=(1, 200), test=(2
     def rows(lo, hi, drop=None):
         return [i for i in range(lo - 1, hi) if drop is None or not drop[0] - 1 <= i < drop[1]]
 
-    index = {"train": rows(*tr, drop=va), "val": rows(*(va or tr)), "test": rows(*te)}
+    index = {"train": rows(*tr, drop=va if val_holdout else None), "val": rows(*(va or tr)), "test": rows(*te)}
     splits = {k: TensorDataset(x[idx], y[idx]) for k, idx in index.items()}
     names = {k: [files[i][0] for i in idx] for k, idx in index.items()}
-    return ImageMaskSplits(**splits, names=names)
+    return ImageMaskSplits(**splits, names=names, **protocol)

@@ -6,7 +6,9 @@ one input, 3 convolutional layers (5×5; base_width, 2·base_width, 2·base_widt
 1, 2, 2; ReLU), 2 fully connected layers (384, 192; ReLU; dropout with keep probability 0.75 on
 the first) and a linear output s(x, ȳ); v(x, ȳ) = σ(s) ∈ [0, 1] regresses the soft IoU of ȳ
 (Eq. 6, 9-11). With 24×24 crops this is the paper's 2.5 million parameters; at 32×32 inputs it
-is 3.8 million (the first fully connected layer sees 8·8·128 values).
+is 3.8 million (the first fully connected layer sees 8·8·128 values). The input side is fixed
+(model.size): on crops (data.crop) it is the crop side, and whole images are predicted from a
+grid of crops (data.test_crops; dsp.tasks.segmentation).
 
 The model speaks the contract of the multi-label DVN (`dsp.models.dvn`), so GradientInference and
 ValueObjective work unchanged: features(x) keeps the image and zero "logits" [B, H, W] (the shape of
@@ -80,6 +82,9 @@ class SegmentationValueNetwork(nn.Module):
             raise DspError(f"model.ascend={ascend!r}: choose 'value' (Eq. 8) or 'score'")
         if not hidden:
             raise DspError("model.hidden: the value network needs at least one fully connected layer")
+        if size is None or int(size) < 1:
+            raise DspError(f"model.size={size}: the value network needs the side of its square inputs (the "
+                           f"dvn_horses preset reads it from data.crop; without crops set model.size=${{data.size}})")
         self.conv = ConvLayers(in_channels + 1, **dict(unary or {}))
         with torch.no_grad():
             flat = self.conv(torch.zeros(1, in_channels + 1, size, size)).numel()
@@ -95,6 +100,10 @@ class SegmentationValueNetwork(nn.Module):
 
     def features(self, x: torch.Tensor) -> MaskValueFeatures:
         b, _, h, w = x.shape
+        if (h, w) != (self.size, self.size):  # the fully connected layers fix the input side
+            raise DspError(f"the value network was built for {self.size}×{self.size} inputs (model.size) but got "
+                           f"{h}×{w}; with crops (data.crop) set model.size to the crop side, "
+                           f"and predict through data.test_crops")
         return MaskValueFeatures(x, x.new_zeros(b, h, w))
 
     def score(self, y: torch.Tensor, feats) -> torch.Tensor:
@@ -129,19 +138,35 @@ class FCNFeatures:
 
 class FCN(nn.Module):
     """Fully convolutional baseline (Long et al. 2015; DVN §5.2): the value network's conv layers on
-    the image alone, a 1×1 convolution to one foreground logit per position, bilinear upsampling
-    back to the input size. Trained per pixel (objective UnaryCrossEntropy), predicted locally."""
+    the image alone, then one foreground logit per pixel. Trained per pixel (objective
+    UnaryCrossEntropy), predicted locally.
+
+    upsample="bilinear": a 1×1 convolution to one logit per stride×stride block, bilinearly
+    upsampled (at stride 4 no mask finer than the blocks: legs one or two pixels wide are lost).
+    upsample="learned": a transposed convolution from the features (kernel 2·stride, stride
+    `stride`, Long et al.'s learned "deconvolution"), so each block gets its own stride×stride
+    pattern of logits."""
 
     is_structured = False
 
-    def __init__(self, in_channels: int = 3, unary: dict | None = None):
+    def __init__(self, in_channels: int = 3, unary: dict | None = None, upsample: str = "bilinear"):
         super().__init__()
+        if upsample not in ("bilinear", "learned"):
+            raise DspError(f"model.upsample={upsample!r}: choose 'bilinear' or 'learned'")
         self.conv = ConvLayers(in_channels, **dict(unary or {}))
-        self.classifier = nn.Conv2d(self.conv.out_channels, 1, 1)
+        s, self.upsample = self.conv.stride, upsample
+        if upsample == "learned":
+            self.classifier = nn.ConvTranspose2d(self.conv.out_channels, 1, 2 * s, stride=s, padding=s // 2)
+        else:
+            self.classifier = nn.Conv2d(self.conv.out_channels, 1, 1)
 
     def features(self, x: torch.Tensor) -> FCNFeatures:
-        u = self.classifier(self.conv(x))  # [B, 1, h, w]
-        u = F.interpolate(u, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        h, w = x.shape[-2:]
+        u = self.classifier(self.conv(x))  # [B, 1, h', w']: blocks (bilinear) or >= [B, 1, H, W] (learned)
+        if self.upsample == "learned":
+            u = u[..., :h, :w]  # ⌈H/s⌉·s (+1 at stride 1) rows: cut to the image
+        else:
+            u = F.interpolate(u, size=(h, w), mode="bilinear", align_corners=False)
         return FCNFeatures(u.squeeze(1))  # [B, H, W]
 
     def local_probs(self, feats: FCNFeatures) -> torch.Tensor:
