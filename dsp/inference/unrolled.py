@@ -67,7 +67,8 @@ class UnrolledGradientDescent(nn.Module):
         init: local (Init(F(x)): the model's local prediction, differentiable) or constant.
         init_value: the constant start.
         converge_tol: stop computing once max |y_t - y_{t-1}| <= tol for the whole batch; the
-            remaining iterates equal the last one, so the fixed-T loss is unchanged (§4.3). 0 off.
+            remaining iterates equal the last one, so the fixed-T loss is unchanged (§4.3). 0 off;
+            > 0 costs one host sync per step (the whole-batch test).
         hessian: autograd (double backward) or finite_difference (Domke 2012).
         checkpoint: keep only each step's input and recompute the energy's internals on the
             backward pass (always the case with finite differences).
