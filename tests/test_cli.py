@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from conftest import write_mulan, write_ocr
 from fixtures_images import tiny_denoise_overrides, tiny_images_overrides, write_image_folder
 from fixtures_text import write_conll
+from test_word50 import write_word50_sources
 from dsp.cli.common import config_dir
 from dsp.cli.train import train
 
@@ -21,6 +22,9 @@ TINY_SYNTHETIC = ["data.num_train=64", "data.num_val=32", "data.num_test=48"]
 QUICK = ["trainer.max_epochs=1", "trainer.progress=false", "inference.max_iter=5", "trainer.batch_size=16"]
 # Chain CRFs decode exactly (no iteration cap); online scaling on a tiny subset keeps it quick.
 QUICK_CRF = ["trainer.max_epochs=1", "trainer.progress=false", "trainer.batch_size=8"]
+# MRFs: two message-passing sweeps, a small unary network.
+QUICK_MRF = ["trainer.max_epochs=1", "trainer.progress=false", "trainer.batch_size=8", "inference.iterations=2",
+             "trainer.probe_every=1", "trainer.probe_size=4", "objective.probe_iterations=2"]
 PRESETS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 
 
@@ -40,6 +44,11 @@ def tiny_data_overrides(cfg_target: str, tmp_path: Path) -> list[str]:
         return tiny_images_overrides(write_image_folder(tmp_path / "horses"))
     if cfg_target.endswith("load_denoise_images"):
         return tiny_denoise_overrides(tmp_path / "denoise")
+    if cfg_target.endswith("load_word50"):
+        ocr, horses = write_word50_sources(tmp_path / "w50src")
+        return [f"data.ocr_path={ocr}", f"data.horses_dir={horses}", f"data.cache_dir={tmp_path / 'cache'}",
+                "data.num_words=4", "data.train_size=20", "data.val_size=6", "data.test_size=6",
+                "model.unary_net.net.hidden=[8]", *QUICK_MRF]
     if cfg_target.endswith("load_conll2000"):
         train_txt, test_txt = write_conll(tmp_path / "conll")
         return [f"data.train={train_txt}", f"data.test={test_txt}", *QUICK_CRF, "model.unary_net.word_dim=8",
@@ -54,8 +63,10 @@ def test_every_experiment_preset_composes_and_trains_a_few_steps(preset, tmp_pat
         full = compose("config", overrides=[f"experiment={preset}"])
         target = full.data._target_
         tiny = tiny_data_overrides(target, tmp_path)
-        if target.endswith(("load_ocr", "load_conll2000", "load_horses", "load_denoise_images")):
+        if target.endswith(("load_ocr", "load_conll2000", "load_horses", "load_denoise_images", "load_word50")):
             quick = []  # the tiny-data overrides above carry their own quick settings
+        elif full.inference._target_.endswith("MessagePassing"):  # the tagging MRF
+            quick = QUICK_MRF
         elif "steps" in full.inference:  # unrolled inference: T steps instead of an iteration cap
             quick = [q for q in QUICK if not q.startswith("inference.")] + ["inference.steps=2"]
         else:
@@ -246,3 +257,27 @@ def test_unrolled_objective_with_a_relu_energy_is_refused_at_start_up(tmp_path):
                    "model.global_energy.activation=relu", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model.global_energy.activation is a ReLU" in proc.stderr and "softplus" in proc.stderr
+
+
+def test_mrf_word50_streams_from_hdf5_with_the_same_result_and_evaluates(tmp_path):
+    """data.stream=true reads the training batches from the HDF5 file in a second thread: the run
+    must be the same as from memory. The blended objective's messages travel in last.pt."""
+    ocr, horses = write_word50_sources(tmp_path / "src")
+    common = ["experiment=mrf_word50_order2", f"data.ocr_path={ocr}", f"data.horses_dir={horses}",
+              f"data.cache_dir={tmp_path / 'cache'}", "data.num_words=4", "data.train_size=24", "data.val_size=6",
+              "data.test_size=6", "model.unary_net.net.hidden=[8]", "trainer.max_epochs=2", "trainer.progress=false",
+              "trainer.batch_size=8", "inference.iterations=3", "objective.iterations=2"]
+    results = {}
+    for stream in ("false", "true"):
+        run = tmp_path / f"run_{stream}"
+        proc = run_cli("dsp-train", *common, f"data.stream={stream}", f"hydra.run.dir={run}")
+        assert proc.returncode == 0, proc.stderr
+        results[stream] = json.loads((run / "metrics.json").read_text())
+    assert results["true"]["test/word_acc"] == results["false"]["test/word_acc"]
+    assert results["true"]["test/char_acc"] == results["false"]["test/char_acc"]
+    last = torch.load(tmp_path / "run_true" / "checkpoints" / "last.pt", weights_only=True)
+    messages = last["objectives"]["train"]["messages"]["0"]
+    assert messages.shape == (24, 7, 2, 26) and messages.abs().sum() > 0  # 7 edges of 5 letters, per example
+    proc = run_cli("dsp-eval", f"run_dir={tmp_path / 'run_true'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "test/word_acc" in proc.stdout

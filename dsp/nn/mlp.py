@@ -55,9 +55,12 @@ class MLP(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         input_dropout: float = 0.0,
+        flatten: bool = False,
     ):
         super().__init__()
-        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
+        layers: list[nn.Module] = [nn.Flatten()] if flatten else []  # images [N, H, W] -> [N, H·W]
+        if input_dropout > 0:
+            layers.append(nn.Dropout(input_dropout))
         width = in_features
         for h in hidden:
             layers += [nn.Linear(width, h), make_activation(activation)]

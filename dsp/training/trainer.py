@@ -14,6 +14,7 @@ best.pt is the model that is evaluated.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
@@ -48,6 +49,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _keeps_state(objective) -> bool:
+    return callable(getattr(objective, "state_dict", None)) and getattr(objective, "checkpoint_state", True)
+
+
 def peak_memory_mb(device: torch.device) -> dict:
     """Peak resident memory of this process (and peak CUDA allocation on a GPU), in MiB."""
     import resource
@@ -70,6 +75,7 @@ class Trainer:
         self.splits = {s: tuple(t.to(device) for t in data.split(s).tensors) for s in ("train", "val", "test")}
         self.step = 0
         self.global_epoch = 0
+        self.train_seconds = 0.0  # time spent in training steps (validation and probes excluded)
         self._last_val = None  # (out, y, x) of the latest validation, for tasks with figures
         self._stop = StopRequest()  # entered by fit(): SIGTERM asks for a stop at the next safe point
 
@@ -110,6 +116,8 @@ class Trainer:
             "config": self.config_dict,
             "seed": self.seed,
             "rng": rng_state(),
+            # objectives with state of their own (the MRF's per-example messages)
+            "objectives": {s.name: s.objective.state_dict() for s in self.stages if _keeps_state(s.objective)},
         }
 
     def _save_last(self, state: dict) -> None:
@@ -144,6 +152,9 @@ class Trainer:
             raise DspError(f"{last} does not fit the model of this config ({err}); resume with the run's own config") from None
         self.step, self.global_epoch = state["step"], state["global_epoch"]
         set_rng_state(state["rng"])
+        for s in self.stages:
+            if s.name in state.get("objectives", {}):
+                s.objective.load_state_dict(state["objectives"][s.name])
         offset = state.get("epoch_offset", 0)  # absent from checkpoints older than SIGTERM handling
         tqdm.write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}"
                    + (f", example {offset}" if offset else ""))
@@ -198,6 +209,8 @@ class Trainer:
         epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
                       disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
         ran = 0
+        # Objectives that keep state per training example (blended MRF learning) get the ids.
+        by_id = "index" in inspect.signature(stage.objective.loss).parameters
         for epoch in epochs:
             # (a resumed half epoch is finished first: the uninterrupted run did not stop there)
             if not offset and (bad_epochs >= stage.patience or self._out_of_steps()):
@@ -210,11 +223,15 @@ class Trainer:
             perm = torch.randperm(x.shape[0], generator=gen).to(self.device)
             batches = tqdm(range(offset, x.shape[0], stage.batch_size), desc=f"epoch {epoch}",
                            disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+            stream = self._stream(perm, stage.batch_size, offset)
             offset = 0
             running = None
             for start in batches:
                 idx = perm[start : start + stage.batch_size]
-                loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(x[idx], y[idx]))
+                step_start = time.perf_counter()
+                extra = {"index": idx} if by_id else {}
+                xb, yb = (x[idx], y[idx]) if stream is None else (t.to(self.device) for t in next(stream))
+                loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb), **extra)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise DspError(
@@ -228,6 +245,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 optimizer.step()
                 self.step += 1
+                self.train_seconds += time.perf_counter() - step_start
+                self._probe(stage, writer)
                 running = value if running is None else 0.9 * running + 0.1 * value
                 batches.set_postfix(loss=f"{running:.4f}")
                 if self.step % self.cfg.log_every == 0:
@@ -264,6 +283,30 @@ class Trainer:
         self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
         self.model.requires_grad_(True)
 
+    def _stream(self, perm: torch.Tensor, batch_size: int, start: int):
+        """data.stream=true: read this epoch's training batches from the dataset's HDF5 file in a
+        background thread (the same examples in the same order as the in-memory path)."""
+        if not getattr(self.data, "stream", False):
+            return None
+        from dsp.data.hdf5_stream import PrefetchBatches
+
+        return iter(PrefetchBatches(self.data.source, "train", perm.cpu(), batch_size, start=start))
+
+    def _probe(self, stage: Stage, writer: SummaryWriter) -> None:
+        """trainer.probe_every > 0: every that many steps, log the objective's probe (e.g. the MRF's
+        converged training NLL) on the first trainer.probe_size training examples, against the
+        training time so far (Chen et al. Fig. 9 plots NLL against time)."""
+        every = self.cfg.get("probe_every") or 0
+        probe = getattr(stage.objective, "probe", None)
+        if not every or probe is None or self.step % every:
+            return
+        x, y = (t[: self.cfg.get("probe_size") or 1000] for t in self.splits["train"])
+        with torch.no_grad():
+            values = probe(self.model, *self.task.batch(x, y))
+        writer.add_scalar("time/train_s", self.train_seconds, self.step)
+        for k, v in values.items():
+            writer.add_scalar(f"train/{k}", v, self.step)
+
     def _freeze_modes(self, stage: Stage) -> None:
         """Clamped modules run in eval mode (no dropout), as fixed feature extractors."""
         if stage.train != "all":
@@ -290,6 +333,10 @@ class Trainer:
             x, y = (t[: self.cfg.eval_batch_size] for t in self.splits["train"])
             for k, v in diagnostics(x, y).items():
                 writer.add_scalar(k, v, e)
+        images = getattr(self.model, "images", None)
+        if images is not None:  # e.g. the MRF's pairwise tables and unary weights (Chen et al. Fig. 5, 8)
+            for name, img in images().items():
+                writer.add_image(f"model/{name}", img, e, dataformats="HW")
         global_energy = getattr(self.model, "global_energy", None)
         if global_energy is not None:
             c1 = global_energy.measurement_matrix.detach().float().cpu()  # [M, L]

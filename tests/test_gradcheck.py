@@ -1,0 +1,127 @@
+"""dsp-gradcheck: autograd against central finite differences, on tiny data written by the tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_mulan, write_ocr
+from dsp.cli.gradcheck import load_model_defaults, main, with_model_defaults
+
+
+def gradcheck_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run dsp-gradcheck in this process; returns (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as stop:
+        main(list(args))
+    out = capsys.readouterr()
+    return stop.value.code, out.out, out.err
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A data folder laid out like ../shared/data: tiny Bibtex (5 labels) and a tiny OCR file."""
+    write_mulan(tmp_path / "mulan" / "bibtex", name="bibtex")
+    write_ocr(tmp_path / "ocr" / "letter.data.gz")
+    return tmp_path
+
+
+def test_model_defaults_fill_only_the_groups_the_command_line_leaves_out():
+    table = load_model_defaults()
+    args, added = with_model_defaults(["model=chain_crf"], table)
+    assert added == ["data=ocr", "inference=chain", "objective=crf_nll"] and args == ["model=chain_crf", *added]
+    _, added = with_model_defaults(["model=dvn", "data=mulan", "objective.loss=l2"], table)
+    assert added == ["inference=dvn_ascent", "objective=value"]
+    _, added = with_model_defaults(["model=dvn_seg", "objective=value"], table)
+    assert added == ["data=horses32", "inference=dvn_seg_ascent"]  # objective.oracle: the user's objective
+    assert with_model_defaults(["experiment=crf_ocr_joint", "model=chain_crf"], table)[1] == []  # presets decide
+    assert with_model_defaults(["data.num_train=8"], table)[1] == []  # no model=: the config's defaults
+    assert table["mrf"]["data"] == "word50" and table["spen"]["data"] == "bibtex"
+
+
+@pytest.mark.parametrize("model,expect", [
+    ("spen", ["data=bibtex", "held fixed", "inference ×1"]),  # SSVM: loss-augmented inference replayed
+    ("dvn", ["data=bibtex", "objective.generate_adversarial", "objective.generate_inference"]),
+    ("chain_crf", ["data=ocr", "objective=crf_nll", "unary_net.net.conv.0.weight", "pairwise.weight"]),
+])
+def test_each_family_passes_with_its_default_data(model, expect, data_dir, capsys):
+    code, out, err = gradcheck_cli(capsys, f"model={model}", f"paths.data_dir={data_dir}", "data.num_labels=null"
+                                   if model != "chain_crf" else "gradcheck.examples=3")
+    assert code == 0, out + err
+    assert "max rel err" in out and "input x" in out and out.rstrip().endswith(": OK")
+    assert "FAIL" not in out
+    for text in expect:
+        assert text in out, out
+
+
+def test_experiment_presets_work_too(data_dir, capsys):
+    code, out, err = gradcheck_cli(capsys, "experiment=crf_ocr_joint", f"paths.data_dir={data_dir}",
+                                   "gradcheck.params_per_tensor=1", "gradcheck.inputs=false")
+    assert code == 0, out + err
+    assert "experiment=crf_ocr_joint" in out and "objective=crf_ce" in out and "input x" not in out
+
+
+class WrongSquare(torch.autograd.Function):
+    """x² with a backward pass 10% off: the bug the tool must catch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 2.2 * x
+
+
+class WrongLocalLoss:
+    def loss(self, model, inference, x, y):
+        logits = model.features(x).logits
+        return F.binary_cross_entropy_with_logits(logits, y) + WrongSquare.apply(logits).mean(), {}
+
+
+def test_a_wrong_backward_pass_fails_with_exit_status_1(capsys):
+    code, out, _ = gradcheck_cli(capsys, "model=mlp", "data=synthetic", "data.num_train=8",
+                                 f"objective._target_={__name__}.WrongLocalLoss")
+    assert code == 1
+    assert "local_energy.linear.weight" in out and "FAIL" in out and "worst entry" in out
+    assert out.rstrip().endswith(": FAIL")
+
+
+def test_without_replaying_generated_labels_dvn_would_not_check(data_dir, capsys):
+    """DVN's adversarial labels move with θ, which autograd ignores by design: the replay is needed."""
+    code, out, _ = gradcheck_cli(capsys, "model=dvn", f"paths.data_dir={data_dir}", "data.num_labels=null",
+                                 "gradcheck.frozen_methods=[]", "inference.max_iter=3")
+    assert code == 1 and "FAIL" in out
+
+
+class ZeroBiasHinge:
+    """The local loss plus relu(b) summed, with the local bias set to exactly 0 on the first call:
+    every entry of b sits on a ReLU kink, where the central difference is no derivative."""
+
+    def loss(self, model, inference, x, y):
+        bias = model.local_energy.linear.bias
+        if not getattr(self, "zeroed", False):
+            bias.data.zero_()
+            self.zeroed = True
+        logits = model.features(x).logits
+        return F.binary_cross_entropy_with_logits(logits, y) + torch.relu(bias).sum(), {}
+
+
+def test_entries_on_a_kink_are_reported_and_replaced(capsys):
+    code, out, _ = gradcheck_cli(capsys, "model=mlp", "data=synthetic", "data.num_train=8",
+                                 f"objective._target_={__name__}.ZeroBiasHinge")
+    assert code == 0, out
+    assert "local_energy.linear.bias" in out and "KINKS ONLY" in out and "kink: local_energy.linear.bias" in out
+    assert "entries at kinks skipped: OK" in out
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["model=nope"], "no conf/model/nope.yaml"),
+    (["gradcheck.tol_typo=1"], "gradcheck.tol_typo"),
+    (["data.num_train=8", "gradcheck.stage=nope"], "local, global, joint"),
+    (["--cfg", "job"], "key=value overrides only"),
+])
+def test_configuration_errors_exit_2_with_one_line(args, expect, capsys):
+    code, out, err = gradcheck_cli(capsys, *args)
+    assert code == 2 and expect in err and "Traceback" not in err
