@@ -5,7 +5,8 @@ metrics. Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequen
 int64 [N, T] padded with -1, lengths [N], labels (index -> tag name); segmentation: pred and target
 uint8 [N, H, W], score float32 [N, H, W]; denoising: pred, target, noisy float32 [N, H, W] in [0, 1].
 Tasks with figures also get DIR/eval/<name>.png (denoising: eval/denoising.png, rows noisy /
-prediction / clean).
+prediction / clean); models that draw their parameters get DIR/eval/model_<name>.png (MRFs: the
+pairwise tables per edge distance, the tag-coupling matrix, first-layer unary weights).
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def _evaluate(run_dir, split, ckpt, device, batch_size):
     metrics = {f"{split}/{k}": v for k, v in task.evaluate(out, y, run.threshold).items()}
     metrics[f"{split}/inference_iters"] = iters
     figures = task.figures(out, y, x) if hasattr(task, "figures") else {}
+    images = getattr(run.model, "images", None)  # learned parameters as pictures (MRF: Chen et al. Fig. 5, 8)
+    if images is not None:
+        figures.update({f"model_{k}": (v.numpy() * 255).round().astype(np.uint8) for k, v in images().items()})
     return metrics, task.arrays(out, y, run.threshold, x=x), figures
 
 

@@ -131,7 +131,8 @@ class MRF(nn.Module):
             k = self.num_states
             if tables.shape[0] <= 4:  # a table per distance (chains): K×K each
                 for t in range(tables.shape[0]):
-                    out[f"pairwise_type{t}"] = _unit(tables[t].view(k, k))
+                    big = tables[t].view(k, k).repeat_interleave(8, 0).repeat_interleave(8, 1)  # 8 px per cell
+                    out[f"pairwise_type{t}"] = _unit(big)
             elif k == 2:  # one table per edge of a fully connected binary MRF: the Fig. 8 matrix
                 n, g = self.num_variables, self.graph.groups[0]
                 corr = torch.zeros(n, n)
@@ -140,7 +141,7 @@ class MRF(nn.Module):
                 vi, vj = g.variables[:, 0].cpu(), g.variables[:, 1].cpu()
                 corr[vi, vj] = coupling[g.types.cpu()]
                 corr[vj, vi] = coupling[g.types.cpu()]
-                out["pairwise_coupling"] = _unit(corr)
+                out["pairwise_coupling"] = _unit(corr.repeat_interleave(4, 0).repeat_interleave(4, 1))
         first = next((m for m in self.unary_net.modules() if isinstance(m, nn.Linear)), None)
         if first is not None:
             side = int(round(first.in_features ** 0.5))
