@@ -281,3 +281,14 @@ def test_mrf_word50_streams_from_hdf5_with_the_same_result_and_evaluates(tmp_pat
     proc = run_cli("dsp-eval", f"run_dir={tmp_path / 'run_true'}")
     assert proc.returncode == 0, proc.stderr
     assert "test/word_acc" in proc.stdout
+
+
+def test_any_dataset_streams_from_an_hdf5_copy_with_the_same_result(tmp_path):
+    results = {}
+    for stream in ("false", "true"):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=[*QUICK, *TINY_SYNTHETIC, "trainer.stages.local.max_epochs=1",
+                                               f"trainer.stream={stream}"])
+        results[stream] = train(cfg, tmp_path / stream)
+    assert (tmp_path / "true" / "data.h5").is_file() and not (tmp_path / "false" / "data.h5").exists()
+    assert results["true"]["test/example_f1"] == results["false"]["test/example_f1"]

@@ -125,3 +125,21 @@ def test_entries_on_a_kink_are_reported_and_replaced(capsys):
 def test_configuration_errors_exit_2_with_one_line(args, expect, capsys):
     code, out, err = gradcheck_cli(capsys, *args)
     assert code == 2 and expect in err and "Traceback" not in err
+
+
+def test_mrf_families_pass_with_their_default_data(tmp_path, capsys):
+    """The Word50 MRF (messages held fixed: Eq. 5 at fixed λ) and the tagging MRF."""
+    from test_word50 import write_word50_sources
+
+    ocr, horses = write_word50_sources(tmp_path / "src")
+    code, out, err = gradcheck_cli(capsys, "model=mrf", f"data.ocr_path={ocr}", f"data.horses_dir={horses}",
+                                   f"data.cache_dir={tmp_path / 'cache'}", "data.num_words=4", "data.train_size=8",
+                                   "data.val_size=4", "data.test_size=4", "model.unary_net.net.hidden=[6]",
+                                   "model.graph.kind=chain2")
+    assert code == 0, out + err
+    assert "data=word50" in out and "objective.messages" in out and "pairwise.tables.2" in out
+    write_mulan(tmp_path / "mulan" / "bibtex", name="bibtex")
+    code, out, err = gradcheck_cli(capsys, "model=mrf_tagging", f"paths.data_dir={tmp_path}", "data.num_labels=null",
+                                   "model.unary_net.hidden=[6]")
+    assert code == 0, out + err
+    assert "FAIL" not in out and out.rstrip().endswith(": OK")

@@ -284,13 +284,20 @@ class Trainer:
         self.model.requires_grad_(True)
 
     def _stream(self, perm: torch.Tensor, batch_size: int, start: int):
-        """data.stream=true: read this epoch's training batches from the dataset's HDF5 file in a
-        background thread (the same examples in the same order as the in-memory path)."""
-        if not getattr(self.data, "stream", False):
+        """data.stream=true (Word50) or trainer.stream=true (any dataset): read this epoch's training
+        batches from an HDF5 file in a background thread — the same examples in the same order as
+        the in-memory path. Datasets without a file of their own are cached to run_dir/data.h5."""
+        if not (getattr(self.data, "stream", False) or self.cfg.get("stream", False)):
             return None
-        from dsp.data.hdf5_stream import PrefetchBatches
+        from dsp.data.hdf5_stream import PrefetchBatches, cache_to_hdf5
 
-        return iter(PrefetchBatches(self.data.source, "train", perm.cpu(), batch_size, start=start))
+        if getattr(self.data, "source", None):
+            source = self.data.source
+        else:
+            source = self.run_dir / "data.h5"
+            if not source.is_file():
+                cache_to_hdf5(self.data, source)
+        return iter(PrefetchBatches(source, "train", perm.cpu(), batch_size, start=start))
 
     def _probe(self, stage: Stage, writer: SummaryWriter) -> None:
         """trainer.probe_every > 0: every that many steps, log the objective's probe (e.g. the MRF's
