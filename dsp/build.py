@@ -90,6 +90,22 @@ def match_inference(inference, objective) -> None:
         match(objective)
 
 
+def build_run(cfg: DictConfig):
+    """(data, model, inference, objective) of a config, seeded and checked, as dsp-train builds
+    them: learned inference attached to the model, inference matched to the objective."""
+    from dsp.training.trainer import set_seed
+
+    set_seed(cfg.seed)
+    data = build_data(cfg)
+    model = build_model(cfg)
+    inference = build_inference(cfg)
+    objective = build_objective(cfg)
+    match_inference(inference, objective)
+    check_compatible(model, inference, objective)
+    attach_inference(model, inference)
+    return data, model, inference, objective
+
+
 @dataclass
 class LoadedRun:
     """A trained run: its config, model (eval mode), inference routine and decision threshold."""

@@ -347,18 +347,9 @@ def _flat_index(shape, i: int) -> tuple:
 def build(cfg: DictConfig):
     """Data, model, inference and objective as dsp-train builds them (plus the stage's objective
     and trainable parts with gradcheck.stage)."""
-    from dsp.build import (attach_inference, build_data, build_inference, build_model, build_objective,
-                           check_compatible, match_inference)
-    from dsp.training.trainer import set_seed
+    from dsp.build import build_run
 
-    set_seed(cfg.seed)
-    data = build_data(cfg)
-    model = build_model(cfg)
-    inference = build_inference(cfg)
-    objective = build_objective(cfg)
-    match_inference(inference, objective)
-    check_compatible(model, inference, objective)
-    attach_inference(model, inference)
+    data, model, inference, objective = build_run(cfg)
     stage = cfg.gradcheck.get("stage")
     if stage:
         from dsp.training.stages import build_stages

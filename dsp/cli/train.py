@@ -1,21 +1,24 @@
 """dsp-train: build data, model, inference and objective from the Hydra config and train."""
 from __future__ import annotations
 
+import math
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dsp.build import (attach_inference, build_data, build_inference, build_model, build_objective,
-                       check_compatible, match_inference)
+from dsp.build import build_run
 from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted
 from dsp.training.stages import build_stages
-from dsp.training.trainer import Trainer, resolve_device, set_seed
+from dsp.training.trainer import Trainer, resolve_device
 
 
 class RunMetrics(dict):
@@ -26,17 +29,20 @@ class RunMetrics(dict):
         self.monitor = monitor
 
 
+class CreateSweepFolder(Callback):
+    """hydra.callbacks entry of the Optuna presets: the sweeper opens its SQLite storage inside the
+    sweep folder before Hydra's launcher creates that folder, so create it first."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # The folder's name and the storage URL use ${hydra:...}, which resolves only once this is set.
+        HydraConfig.instance().set_config(config)
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one run into `run_dir` and return its final metrics (also usable without the CLI)."""
-    set_seed(cfg.seed)
     device = resolve_device(cfg.trainer.device)
-    data = build_data(cfg)
-    model = build_model(cfg)
-    inference = build_inference(cfg)
-    objective = build_objective(cfg)
-    match_inference(inference, objective)
-    check_compatible(model, inference, objective)
-    attach_inference(model, inference)
+    data, model, inference, objective = build_run(cfg)
     stages = build_stages(cfg.trainer, objective, model)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     trainer = Trainer(cfg.trainer, model, inference, stages, data, run_dir, device, config_dict, cfg.seed)
@@ -52,18 +58,35 @@ def _main(cfg: DictConfig) -> float:
     except Preempted as stop:  # the whole process is going away: a sweep stops here too
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(PREEMPTED)
-    except DspError as err:
+    except Exception as err:  # noqa: BLE001 -- a DspError, or a bug that only one job's settings hit
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
-        # In a sweep one failed job is reported and the others go on.
-        print(f"error: job {hydra_cfg.job.num} ({run_dir}) failed: {err}", file=sys.stderr)
-        return float("nan")
+        return _failed_job(hydra_cfg, run_dir, err)
     print(f"run folder: {run_dir}")
     tuned = cfg.trainer.threshold == "tune" and "val/threshold" in metrics  # multi-label only
     print_table(metrics, "final metrics (best checkpoint, validation-tuned threshold):" if tuned
                 else "final metrics (best checkpoint):")
     # The sweep objective (Optuna and friends maximise the validation metric).
-    return metrics.get(f"val/{metrics.monitor}", float("nan"))
+    value = metrics.get(f"val/{metrics.monitor}", float("nan"))
+    if hydra_cfg.mode == RunMode.MULTIRUN and not math.isfinite(value):
+        return _failed_job(hydra_cfg, run_dir, DspError(f"the objective val/{metrics.monitor} is {value}"))
+    return value
+
+
+class JobFailed(Exception):
+    """A sweep job that failed, raised to sweepers that optimise the return value (Optuna)."""
+
+
+def _failed_job(hydra_cfg, run_dir: Path, err: Exception) -> float:
+    """In a sweep one failed job is reported, with its folder, and the others go on."""
+    if not isinstance(err, (DspError, OmegaConfBaseException)):
+        traceback.print_exc()  # not a bad setting but a bug: keep the traceback
+    message = f"job {hydra_cfg.job.num} ({run_dir}) failed: {err}"
+    print(f"error: {message}", file=sys.stderr)
+    if str(hydra_cfg.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+        return float("nan")  # the basic sweeper ignores return values but stops at an exception
+    # Optuna records an exception as a failed trial (a NaN objective would end its sweep instead).
+    raise JobFailed(message) from err
 
 
 def main() -> None:
