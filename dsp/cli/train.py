@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dsp.build import build_run
 from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
+from dsp.training import distributed
 from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted
 from dsp.training.stages import build_stages
 from dsp.training.trainer import Trainer, resolve_device
@@ -40,13 +42,35 @@ class CreateSweepFolder(Callback):
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train one run into `run_dir` and return its final metrics (also usable without the CLI)."""
-    device = resolve_device(cfg.trainer.device)
-    data, model, inference, objective = build_run(cfg)
-    stages = build_stages(cfg.trainer, objective, model)
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    trainer = Trainer(cfg.trainer, model, inference, stages, data, run_dir, device, config_dict, cfg.seed)
-    return RunMetrics(trainer.fit(), monitor=trainer.monitor)
+    """Train one run into `run_dir` and return its final metrics (also usable without the CLI).
+    With trainer.strategy=ddp (under torchrun) every rank calls this; rank 0's run_dir is used."""
+    dist = distributed.setup(cfg.trainer.get("strategy"), cfg.trainer.device)
+    try:
+        device = dist.device if dist.enabled else resolve_device(cfg.trainer.device)
+        if dist.enabled:
+            run_dir = _shared_run_dir(dist, Path(run_dir))
+        data, model, inference, objective = build_run(cfg)
+        stages = build_stages(cfg.trainer, objective, model)
+        config_dict = OmegaConf.to_container(cfg, resolve=True)
+        trainer = Trainer(cfg.trainer, model, inference, stages, data, run_dir, device, config_dict, cfg.seed, dist)
+        metrics = RunMetrics(trainer.fit(), monitor=trainer.monitor)
+        metrics.is_main = dist.is_main
+        return metrics
+    finally:
+        dist.close()
+
+
+def _shared_run_dir(dist, run_dir: Path) -> Path:
+    """ddp: every rank uses rank 0's run folder. Hydra's default folder name holds a timestamp, so
+    ranks > 0 may have created folders of their own: those are removed if they hold only Hydra's
+    files (.hydra/, the job log)."""
+    shared = Path(dist.broadcast_object(str(run_dir)))
+    if not dist.is_main and run_dir.resolve() != shared.resolve() and run_dir.is_dir():
+        if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return shared
 
 
 @user_errors
@@ -56,12 +80,15 @@ def _main(cfg: DictConfig) -> float:
     try:
         metrics = train(cfg, run_dir)
     except Preempted as stop:  # the whole process is going away: a sweep stops here too
-        print(f"stopped: {stop}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(PREEMPTED)
     except Exception as err:  # noqa: BLE001 -- a DspError, or a bug that only one job's settings hit
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
         return _failed_job(hydra_cfg, run_dir, err)
+    if not getattr(metrics, "is_main", True):  # ddp: only rank 0 prints
+        return metrics.get(f"val/{metrics.monitor}", float("nan"))
     print(f"run folder: {run_dir}")
     tuned = cfg.trainer.threshold == "tune" and "val/threshold" in metrics  # multi-label only
     print_table(metrics, "final metrics (best checkpoint, validation-tuned threshold):" if tuned

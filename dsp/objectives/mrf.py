@@ -55,6 +55,11 @@ class MessageStore:
         for g, m in zip(self.groups, lam):
             g[index.to(g.device)] = m.to(g.device, g.dtype)
 
+    def reserve(self, size: int) -> None:
+        """Make room for example ids < size (data-parallel ranks grow their copies in step)."""
+        if self.groups is not None:
+            self._grow(size, [g[:1] for g in self.groups])
+
     def _grow(self, size: int, template: list) -> None:
         if self.groups is not None and self.groups[0].shape[0] >= size:
             return

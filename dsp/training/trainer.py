@@ -11,6 +11,8 @@ counters and RNG states are restored and every epoch's shuffle is a function of 
 best.pt holds the best validation epoch of the current stage, where the model the stage starts
 from (epoch 0) counts too; each stage ends by restoring it (early stopping), so after the last stage
 best.pt is the model that is evaluated.
+trainer.strategy=ddp (torchrun, dsp.training.distributed): each rank trains on its slice of every
+batch and gradients are all-reduced explicitly; only rank 0 writes the run folder and prints.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from dsp.errors import DspError
 from dsp.tasks import task_for
 from dsp.training.checkpoint import (load_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state,
                                      write_json)
+from dsp.training.distributed import Single
 from dsp.training.preemption import Preempted, StopRequest, after_step
 from dsp.training.scaling import choose_unary_scale
 from dsp.training.stages import Stage
@@ -63,9 +66,24 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
+class _NoWriter:
+    """TensorBoard on ranks other than 0 under trainer.strategy=ddp: nothing is written."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 class Trainer:
-    def __init__(self, cfg, model, inference, stages: list[Stage], data, run_dir, device, config_dict, seed):
+    def __init__(self, cfg, model, inference, stages: list[Stage], data, run_dir, device, config_dict, seed,
+                 dist=None):
         self.cfg, self.model, self.inference, self.stages = cfg, model.to(device), inference, stages
+        # trainer.strategy=ddp (dsp.training.distributed): this rank's part; Single() otherwise
+        self.dist = dist if dist is not None else Single()
+        self.main = self.dist.is_main
+        if self.dist.enabled:
+            self.dist.broadcast_module(self.model)
+            if not self.main:  # rank r > 0 draws its own dropout masks
+                set_seed(seed + 1_000_003 * self.dist.rank)
         self.data, self.run_dir, self.device = data, Path(run_dir), device
         self.config_dict, self.seed = config_dict, seed
         self.task = task_for(data)
@@ -116,14 +134,20 @@ class Trainer:
             "config": self.config_dict,
             "seed": self.seed,
             "rng": rng_state(),
+            # every rank's generators under trainer.strategy=ddp (rank r resumes from its own)
+            **({"rng_ranks": self.dist.all_gather_object(rng_state())} if self.dist.enabled else {}),
             # objectives with state of their own (the MRF's per-example messages)
             "objectives": {s.name: s.objective.state_dict() for s in self.stages if _keeps_state(s.objective)},
         }
 
+    def _save(self, state: dict, name: str, **kwargs) -> None:
+        if self.main:  # under trainer.strategy=ddp only rank 0 writes
+            save_checkpoint(state, self.ckpt_dir / name, **kwargs)
+
     def _save_last(self, state: dict) -> None:
         """Write last.pt, then stop here if SIGTERM asked for it (this is a safe point)."""
-        save_checkpoint(state, self.ckpt_dir / "last.pt", keep_previous=True)
-        if self._stop.requested:
+        self._save(state, "last.pt", keep_previous=True)
+        if self.dist.any(self._stop.requested):  # every rank stops here if any rank was asked to
             where = (f"{state['epoch_offset']} examples into epoch {state['epoch'] + 1}" if state["epoch_offset"]
                      else f"after epoch {state['epoch']}")
             raise Preempted(
@@ -151,30 +175,40 @@ class Trainer:
         except RuntimeError as err:
             raise DspError(f"{last} does not fit the model of this config ({err}); resume with the run's own config") from None
         self.step, self.global_epoch = state["step"], state["global_epoch"]
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        set_rng_state(ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world_size else state["rng"])
         for s in self.stages:
             if s.name in state.get("objectives", {}):
                 s.objective.load_state_dict(state["objectives"][s.name])
         offset = state.get("epoch_offset", 0)  # absent from checkpoints older than SIGTERM handling
-        tqdm.write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}"
+        self._write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}"
                    + (f", example {offset}" if offset else ""))
         return state
+
+    def _write(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
 
     # ---------------------------------------------------------------------------------- train
     def fit(self) -> dict:
         start_time = time.time()
         resume = self._resume_state()
-        writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
+        writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else _NoWriter()
         first_stage = resume["stage_index"] if resume else 0
         with self._stop, closing(writer):
             for i in range(first_stage, len(self.stages)):
                 self._fit_stage(i, writer, resume if i == first_stage else None)
-            metrics = self.final_metrics()
-            metrics["train/time_s"] = round(time.time() - start_time, 3)
-            metrics["train/epochs"] = self.global_epoch
-            metrics.update(peak_memory_mb(self.device))
-            writer.add_hparams(self.hparams(), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
-        write_json(metrics, self.run_dir / "metrics.json")
+            metrics = None
+            if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
+                metrics = self.final_metrics()
+                metrics["train/time_s"] = round(time.time() - start_time, 3)
+                metrics["train/epochs"] = self.global_epoch
+                metrics.update(peak_memory_mb(self.device))
+                writer.add_hparams(self.hparams(), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+            metrics = self.dist.broadcast_object(metrics)
+        if self.main:
+            write_json(metrics, self.run_dir / "metrics.json")
         return metrics
 
     def _fit_stage(self, index: int, writer: SummaryWriter, resume: dict | None) -> None:
@@ -200,17 +234,23 @@ class Trainer:
             metrics, threshold, _ = self.validate(stage.predict)
             best = metrics[self.monitor]
             state = self._state(index, 0, best, 0, threshold, optimizer, scheduler)
-            save_checkpoint(state, self.ckpt_dir / "best.pt")
+            self._save(state, "best.pt")
             # last.pt follows into the new stage, so a resume never re-enters a finished stage
             # (whose end reloads best.pt, by now this stage's file).
             self._save_last(state)
         x, y = self.splits["train"]
         monitor, epoch = self.monitor, first_epoch - 1
+        progress = self.cfg.progress and self.main
         epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
-                      disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+                      disable=not progress, leave=False, dynamic_ncols=True)
         ran = 0
+        if stage.batch_size < self.dist.world_size:
+            raise DspError(f"stage {stage.name!r}: batch_size={stage.batch_size} is smaller than the "
+                           f"{self.dist.world_size} ranks of trainer.strategy=ddp; the batch size is the global batch")
         # Objectives that keep state per training example (blended MRF learning) get the ids.
         by_id = "index" in inspect.signature(stage.objective.loss).parameters
+        # trainer.strategy=ddp: per-example state (the MRF's MessageStore) is kept equal on all ranks
+        store = getattr(stage.objective, "store", None) if by_id and getattr(stage.objective, "persistent", False) else None
         for epoch in epochs:
             # (a resumed half epoch is finished first: the uninterrupted run did not stop there)
             if not offset and (bad_epochs >= stage.patience or self._out_of_steps()):
@@ -222,25 +262,36 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1009 + epoch)
             perm = torch.randperm(x.shape[0], generator=gen).to(self.device)
             batches = tqdm(range(offset, x.shape[0], stage.batch_size), desc=f"epoch {epoch}",
-                           disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+                           disable=not progress, leave=False, dynamic_ncols=True)
             stream = self._stream(perm, stage.batch_size, offset)
             offset = 0
             running = None
             for start in batches:
                 idx = perm[start : start + stage.batch_size]
                 step_start = time.perf_counter()
-                extra = {"index": idx} if by_id else {}
-                xb, yb = (x[idx], y[idx]) if stream is None else (t.to(self.device) for t in next(stream))
-                loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb), **extra)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise DspError(
-                        f"training diverged: the loss is {value} at stage {stage.name!r}, epoch {epoch}, "
-                        f"step {self.step}. Nothing was saved from this epoch; the last good checkpoint "
-                        f"is {self.ckpt_dir / 'last.pt'}. Lower the learning rate or add weight decay."
-                    )
+                # ddp: this rank's slice [lo, hi) of the global batch (all of it in one process)
+                lo, hi = self.dist.shard(len(idx))
+                mine = idx[lo:hi]
+                extra = {"index": mine} if by_id else {}
+                xb, yb = (x[mine], y[mine]) if stream is None else (t[lo:hi].to(self.device) for t in next(stream))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                logs, stop = {}, self._stop.requested  # ddp: the flag all ranks agree on, below
+                if not self.dist.enabled:
+                    loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb), **extra)
+                    value = loss.item()
+                    self._check_finite(value, stage, epoch)
+                    loss.backward()
+                else:
+                    loss = torch.zeros((), device=self.device)
+                    if hi > lo:  # weighted by slice size: the summed gradients are the global batch's
+                        loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb), **extra)
+                        loss = loss * ((hi - lo) / len(idx))
+                        loss.backward()
+                    value, stop = self.dist.reduce_step(params, loss, stop)
+                    self._check_finite(value, stage, epoch)
+                    if store is not None and store.groups is not None:  # (grown as one process grows it)
+                        store.reserve(int(idx.max()) + 1)
+                        self.dist.sync_rows(store.groups, idx, lo, hi)
                 if self.cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 optimizer.step()
@@ -256,7 +307,7 @@ class Trainer:
                 after_step(self.step)  # the kill / preemption test hook (dsp.training.preemption)
                 if self._out_of_steps():
                     break  # (a SIGTERM now stops after this epoch's validation)
-                if self._stop.requested:  # save this point of the epoch and stop
+                if stop if self.dist.enabled else self._stop.requested:  # save this point of the epoch and stop
                     self._save_last(self._state(index, epoch - 1, best, bad_epochs, threshold, optimizer,
                                                 scheduler, offset=start + len(idx)))
             self.global_epoch += 1
@@ -264,7 +315,9 @@ class Trainer:
                 scaling = dict(self.cfg.online_scaling)
                 for k, v in choose_unary_scale(self.model, stage.objective, x, y, seed=self.seed, **scaling).items():
                     writer.add_scalar(k, v, self.global_epoch)
+                self.dist.broadcast_module(self.model)  # ddp: rank 0's choice of α everywhere
             metrics, threshold, iters = self.validate(stage.predict)
+            metrics, threshold = self.dist.broadcast_object((metrics, threshold))  # ddp: decide alike
             current = metrics[monitor]
             scheduler.step(current)
             improved = current > best + min_delta
@@ -272,16 +325,27 @@ class Trainer:
                 best, bad_epochs = current, 0
             else:
                 bad_epochs += 1
-            self._log_epoch(writer, stage, metrics, threshold, iters, optimizer)
+            if self.main:
+                self._log_epoch(writer, stage, metrics, threshold, iters, optimizer)
             epochs.set_postfix({monitor: f"{current:.2f}", "best": f"{best:.2f}"})
             state = self._state(index, epoch, best, bad_epochs, threshold, optimizer, scheduler)
             if improved:
-                save_checkpoint(state, self.ckpt_dir / "best.pt")
+                self._save(state, "best.pt")
             self._save_last(state)
-        tqdm.write(f"stage {stage.name}: best val {monitor} {best:.2f} after {ran} epoch(s)")
+        self._write(f"stage {stage.name}: best val {monitor} {best:.2f} after {ran} epoch(s)")
         # Early stopping: continue from (and finish with) the stage's best weights.
-        self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
+        if self.main:
+            self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
+        self.dist.broadcast_module(self.model)  # ddp: rank 0's reloaded weights everywhere
         self.model.requires_grad_(True)
+
+    def _check_finite(self, value: float, stage: Stage, epoch: int) -> None:
+        if not math.isfinite(value):
+            raise DspError(
+                f"training diverged: the loss is {value} at stage {stage.name!r}, epoch {epoch}, "
+                f"step {self.step}. Nothing was saved from this epoch; the last good checkpoint "
+                f"is {self.ckpt_dir / 'last.pt'}. Lower the learning rate or add weight decay."
+            )
 
     def _stream(self, perm: torch.Tensor, batch_size: int, start: int):
         """data.stream=true (Word50) or trainer.stream=true (any dataset): read this epoch's training
@@ -295,8 +359,9 @@ class Trainer:
             source = self.data.source
         else:
             source = self.run_dir / "data.h5"
-            if not source.is_file():
+            if not source.is_file() and self.main:
                 cache_to_hdf5(self.data, source)
+            self.dist.barrier()  # ddp: rank 0 wrote it before the others read it
         return iter(PrefetchBatches(source, "train", perm.cpu(), batch_size, start=start))
 
     def _probe(self, stage: Stage, writer: SummaryWriter) -> None:
@@ -305,7 +370,7 @@ class Trainer:
         training time so far (Chen et al. Fig. 9 plots NLL against time)."""
         every = self.cfg.get("probe_every") or 0
         probe = getattr(stage.objective, "probe", None)
-        if not every or probe is None or self.step % every:
+        if not every or probe is None or self.step % every or not self.main:
             return
         x, y = (t[: self.cfg.get("probe_size") or 1000] for t in self.splits["train"])
         with torch.no_grad():
