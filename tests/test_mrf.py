@@ -170,7 +170,7 @@ def test_blended_learning_keeps_messages_per_example_and_restores_them():
     # Repeated single sweeps on the same example approach the converged bound from above.
     idx = torch.tensor([0, 1, 2])
     values = [loss_fn.loss(model, None, x[:3], y[:3], index=idx)[0].item() for _ in range(30)]
-    converged = float(BlendedMRFLoss(iterations=200, persistent=False).loss(model, None, x[:3], y[:3])[0])
+    converged = BlendedMRFLoss(iterations=200, persistent=False).loss(model, None, x[:3], y[:3])[0].item()
     assert values[0] >= values[-1] - 1e-6 and abs(values[-1] - converged) < 1e-3
     restored = BlendedMRFLoss()
     restored.load_state_dict(loss_fn.state_dict())
@@ -204,7 +204,7 @@ def test_mrf_energy_passes_a_finite_difference_gradient_check(pairwise):
             vals = []
             for sign in (1, -1):
                 shifted = [bb + sign * e if bb is b else bb for bb in base]
-                vals.append(float(f(*shifted)))
+                vals.append(f(*shifted).item())
             fd = (vals[0] - vals[1]) / 2e-5
             assert abs(fd - float(g.flatten()[i])) <= 1e-5 + 1e-4 * abs(fd)
     f(*base)
