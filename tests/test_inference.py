@@ -126,3 +126,45 @@ def test_outputs_of_any_shape_are_optimised_per_example(restarts):
     flat = inf.minimise(lambda y: ((y - target.flatten(1)) ** 2).sum(-1), torch.full((3, 20), 0.5))
     assert masks.y.shape == (3, 4, 5)
     assert torch.allclose(masks.y.flatten(1), flat.y) and torch.allclose(masks.objective, flat.objective)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(method="mirror"), dict(method="projected", restarts=2),
+    dict(method="mirror", entropy_temperature=0.3), dict(method="projected", anneal_temperature=0.5, anneal_iters=5),
+])
+def test_hand_written_gradient_path_matches_the_autograd_path(settings):
+    """inference.gradient=analytic runs the same iterations as autograd, to rounding (float64)."""
+    torch.manual_seed(0)
+    model = SPEN(6, MLP(4, [5]), partial(LocalEnergy), partial(GlobalEnergy, measurements=3, hidden=[4])).double()
+    feats = model.features(torch.randn(5, 4, dtype=torch.float64))
+    base = dict(max_iter=25, lr=0.1, momentum=0.9, rel_tol=1e-6, abs_tol=0, **settings)
+    fast = GradientInference(gradient="analytic", **base)(model, feats)
+    slow = GradientInference(gradient="autograd", **base)(model, feats)
+    assert fast.iterations == slow.iterations
+    assert torch.allclose(fast.y, slow.y, atol=1e-10) and torch.equal(fast.converged, slow.converged)
+    assert torch.allclose(fast.objective, slow.objective, atol=1e-10)
+
+
+def test_hand_written_gradient_with_an_augmentation_term():
+    """Loss-augmented inference (SSVM): analytic ∂E/∂ȳ plus autograd on the augmentation only."""
+    torch.manual_seed(0)
+    model = SPEN(6, MLP(4, [5]), partial(LocalEnergy), partial(GlobalEnergy, measurements=3)).double()
+    feats = model.features(torch.randn(3, 4, dtype=torch.float64))
+    target = torch.rand(3, 6, dtype=torch.float64)
+    augment = lambda y: ((y - target) ** 2).sum(-1)  # noqa: E731
+    base = dict(max_iter=15, rel_tol=0, abs_tol=0)
+    fast = GradientInference(gradient="analytic", **base)(model, feats, augment=augment, train=True)
+    slow = GradientInference(gradient="autograd", **base)(model, feats, augment=augment, train=True)
+    assert torch.allclose(fast.y, slow.y, atol=1e-10)
+
+
+def test_analytic_gradient_refused_for_a_model_without_one():
+    from dsp.models.dvn import DeepValueNetwork
+
+    assert not hasattr(DeepValueNetwork, "energy_and_grad")
+    with pytest.raises(DspError, match="inference.gradient"):
+        GradientInference(gradient="newton")
+    model = SPEN(6, MLP(4, [5]), partial(LocalEnergy), partial(GlobalEnergy, measurements=3))
+    model.global_energy.deeper = MLP(3, [2], dropout=0.5)  # active dropout: no closed form
+    with pytest.raises(DspError, match="inference.gradient=analytic"):
+        GradientInference(gradient="analytic")(model.train(), model.features(torch.randn(2, 4)))

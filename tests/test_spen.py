@@ -51,3 +51,26 @@ def test_mlp_baseline_has_no_global_energy_and_reads_probs_off_logits():
     feats = model.features(torch.randn(2, 3))
     assert not model.is_structured
     assert torch.allclose(model.local_probs(feats), torch.sigmoid(feats.logits))
+
+
+@pytest.mark.parametrize("activation,conditional,hidden", [
+    ("softplus", False, ()), ("softplus:25", True, ()), ("relu", False, (4,)), ("tanh", True, (3,)),
+    ("sigmoid", False, ()), ("softabs:5", False, (2,)), ("hardtanh", False, ()), ("identity", True, ()),
+])
+def test_hand_written_gradient_equals_autograd(activation, conditional, hidden):
+    model = make_spen(activation, conditional, hidden).eval()
+    feats = model.features(torch.randn(4, 5, dtype=torch.float64)).detach()
+    y = torch.rand(4, 6, dtype=torch.float64, requires_grad=True)
+    assert model.has_analytic_gradient()
+    e, grad = model.energy_and_grad(y.detach(), feats)
+    expected = model.energy(y, feats)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), y)
+    assert torch.allclose(e, expected.detach(), atol=1e-12)
+    assert torch.allclose(grad, expected_grad, atol=1e-12)
+
+
+def test_no_hand_written_gradient_with_active_dropout():
+    model = SPEN(6, MLP(5, [4]), partial(LocalEnergy), partial(GlobalEnergy, measurements=3))
+    model.global_energy.deeper = MLP(3, [2], dropout=0.5)
+    assert not model.train().has_analytic_gradient()
+    assert model.eval().has_analytic_gradient()

@@ -6,8 +6,10 @@ Euclidean projected gradient descent (clip to [0,1]). Both with heavy-ball momen
 
 Convergence is tracked per example on the device (relative change of the objective or ℓ∞ change
 of the iterates, the paper's two tests); converged examples are frozen and the batch stops once
-`stop_fraction` of it has converged. Only ∂E/∂ȳ is requested from autograd: no parameter
-gradients are formed during inference.
+`stop_fraction` of it has converged; only that stop test reads a value back to the host, every
+`check_every` iterations. ∂E/∂ȳ comes from the model's hand-written gradient where it has one
+(`energy_and_grad`, e.g. SPEN: one matrix product per layer each way) or from autograd, which
+then forms no parameter gradients.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import torch
 from dsp.errors import DspError
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # ȳ [B, L] -> objective [B]
+ValueAndGradFn = Callable[[torch.Tensor], tuple]  # ȳ [B, L] -> (objective [B], ∂objective/∂ȳ [B, L])
+GRADIENTS = ("auto", "analytic", "autograd")
 
 
 @dataclass
@@ -53,7 +57,10 @@ class GradientInference:
         init: "local" (start from the local/MLP prediction σ(logits)) or "constant".
         init_value: the constant start for init="constant".
         entropy_temperature: test-time smoothing, minimise E(ȳ) - τ H(ȳ) (§A.4); 0 disables.
-        check_every: iterations between convergence checks (each check syncs with the host).
+        check_every: iterations between convergence tests: the per-example tests run on the device,
+            then the stop test reads one value back to the host (the loop's only sync).
+        gradient: "analytic" uses the model's hand-written ∂E/∂ȳ (`energy_and_grad`), "autograd"
+            differentiates `energy`, "auto" takes the analytic one whenever the model has it.
         restarts: extra starting points drawn uniformly in (0,1) (seeded by restart_seed, so
             prediction is deterministic); per example the lowest final objective wins.
         anneal_temperature, anneal_iters: continuation for non-convex energies: an extra entropy
@@ -83,12 +90,15 @@ class GradientInference:
         anneal_temperature: float = 0.0,
         anneal_iters: int = 0,
         eps: float = 1e-6,
+        gradient: str = "auto",
         predict: dict | None = None,
     ):
         if method not in ("mirror", "projected"):
             raise DspError(f"inference.method={method!r}: choose 'mirror' or 'projected'")
         if init not in ("local", "constant"):
             raise DspError(f"inference.init={init!r}: choose 'local' or 'constant'")
+        if gradient not in GRADIENTS:
+            raise DspError(f"inference.gradient={gradient!r}: choose one of {', '.join(GRADIENTS)}")
         if not 0.0 < stop_fraction <= 1.0:
             raise DspError(f"inference.stop_fraction must be in (0, 1], got {stop_fraction}")
         if max_iter < 1 or check_every < 1 or restarts < 0 or anneal_iters < 0:
@@ -97,6 +107,7 @@ class GradientInference:
         self.rel_tol, self.abs_tol, self.stop_fraction = rel_tol, abs_tol, stop_fraction
         self.init, self.init_value = init, init_value
         self.entropy_temperature, self.check_every, self.eps = entropy_temperature, check_every, eps
+        self.gradient = gradient
         self.restarts, self.restart_seed = restarts, restart_seed
         self.anneal_temperature, self.anneal_iters = anneal_temperature, anneal_iters
         self.predictor = None  # a second routine with the `predict` overrides, used when not training
@@ -124,19 +135,50 @@ class GradientInference:
             return f if augment is None else f - augment(y)  # [B]
 
         y0 = self.initial(model, feats) if y0 is None else y0.detach()
-        return self.minimise(objective, y0, temperature=0.0 if train else self.entropy_temperature)
+        return self.minimise(objective, y0, temperature=0.0 if train else self.entropy_temperature,
+                             value_and_grad=self._analytic(model, feats, augment))
 
-    def minimise(self, objective: EnergyFn, y0: torch.Tensor, temperature: float = 0.0) -> InferenceResult:
+    def _analytic(self, model, feats, augment: EnergyFn | None) -> ValueAndGradFn | None:
+        """The objective and its gradient from the model's closed-form ∂E/∂ȳ (plus autograd on the
+        augmentation term only), or None to let autograd differentiate the whole objective."""
+        available = hasattr(model, "energy_and_grad") and model.has_analytic_gradient()
+        if self.gradient == "analytic" and not available:
+            raise DspError(f"inference.gradient=analytic: {type(model).__name__} has no hand-written ∂E/∂ȳ "
+                           "for this configuration (e.g. dropout active or an activation without one); "
+                           "use inference.gradient=auto or autograd")
+        if self.gradient == "autograd" or not available:
+            return None
+
+        def value_and_grad(y: torch.Tensor):
+            f, grad = model.energy_and_grad(y, feats)
+            if augment is not None:
+                with torch.enable_grad():
+                    y_var = y.detach().requires_grad_(True)
+                    a = augment(y_var)
+                    (grad_a,) = torch.autograd.grad(a.sum(), y_var)
+                f, grad = f - a.detach(), grad - grad_a
+            return f, grad
+
+        return value_and_grad
+
+    def minimise(self, objective: EnergyFn, y0: torch.Tensor, temperature: float = 0.0,
+                 value_and_grad: ValueAndGradFn | None = None) -> InferenceResult:
         """Minimise objective(ȳ) - temperature·H(ȳ) over a batch ȳ [B, ...] -> [B], with restarts.
 
         Outputs of any shape (label vectors [B, L], masks [B, H, W]) are optimised as flat vectors
-        per example; the objective and the result see the original shape."""
+        per example; the objective and the result see the original shape. `value_and_grad`, when
+        given, returns the objective and its gradient in closed form and replaces autograd."""
         if y0.dim() > 2:
             shape = y0.shape[1:]
-            res = self.minimise(lambda y: objective(y.view(-1, *shape)), y0.flatten(1), temperature)
+            flat_vg = None
+            if value_and_grad is not None:
+                def flat_vg(y):
+                    f, g = value_and_grad(y.view(-1, *shape))
+                    return f, g.flatten(1)
+            res = self.minimise(lambda y: objective(y.view(-1, *shape)), y0.flatten(1), temperature, flat_vg)
             return replace(res, y=res.y.view(-1, *shape))
         if self.restarts == 0:
-            return self._descend(objective, y0, temperature)
+            return self._descend(objective, y0, temperature, value_and_grad)
         gen = torch.Generator(device=y0.device).manual_seed(self.restart_seed)
         starts = [y0] + [torch.rand(y0.shape, generator=gen, device=y0.device, dtype=y0.dtype)
                          for _ in range(self.restarts)]
@@ -146,7 +188,13 @@ class GradientInference:
         def stacked(y: torch.Tensor) -> torch.Tensor:  # the objective knows the batch once
             return torch.cat([objective(chunk) for chunk in y.split(batch)])
 
-        res = self._descend(stacked, torch.cat(starts), temperature)
+        stacked_vg = None
+        if value_and_grad is not None:
+            def stacked_vg(y):
+                values, grads = zip(*(value_and_grad(chunk) for chunk in y.split(batch)))
+                return torch.cat(values), torch.cat(grads)
+
+        res = self._descend(stacked, torch.cat(starts), temperature, stacked_vg)
         k = len(starts)
         best = res.objective.reshape(k, batch).argmin(0)  # [B]
         pick = torch.arange(batch, device=y0.device)
@@ -155,15 +203,32 @@ class GradientInference:
             res.converged.reshape(k, batch)[best, pick], res.objective.reshape(k, batch)[best, pick],
         )
 
-    def _descend(self, objective: EnergyFn, y0: torch.Tensor, temperature: float) -> InferenceResult:
+    def _descend(self, objective: EnergyFn, y0: torch.Tensor, temperature: float,
+                 value_and_grad: ValueAndGradFn | None = None) -> InferenceResult:
         """The optimisation loop itself."""
 
-        def smoothed(y: torch.Tensor, it: int) -> torch.Tensor:
-            tau = temperature
+        def tau_at(it: int) -> float:
             if it <= self.anneal_iters:
-                tau = tau + self.anneal_temperature * (1 - it / max(1, self.anneal_iters))
-            f = objective(y)
+                return temperature + self.anneal_temperature * (1 - it / max(1, self.anneal_iters))
+            return temperature
+
+        def smoothed(y: torch.Tensor, it: int) -> torch.Tensor:
+            f, tau = objective(y), tau_at(it)
             return f - tau * entropy(y, self.eps) if tau > 0 else f
+
+        def smoothed_value_and_grad(y: torch.Tensor, it: int):
+            if value_and_grad is None:
+                y_var = y.detach().requires_grad_(True)
+                f = smoothed(y_var, it)  # [B]
+                (grad,) = torch.autograd.grad(f.sum(), y_var)
+                return f.detach(), grad
+            f, grad = value_and_grad(y)
+            tau = tau_at(it)
+            if tau > 0:  # ∂(-τH)/∂ȳ = τ·logit(ȳ), zero where entropy() clamps (as autograd has it)
+                inside = (y >= self.eps) & (y <= 1 - self.eps)
+                f = f - tau * entropy(y, self.eps)
+                grad = grad + tau * torch.where(inside, _logit(y, self.eps), torch.zeros_like(y))
+            return f, grad
 
         y = y0.clamp(self.eps, 1 - self.eps) if self.method == "mirror" else y0.clamp(0, 1)
         z = _logit(y, self.eps) if self.method == "mirror" else None
@@ -174,27 +239,29 @@ class GradientInference:
         it = 0
         with torch.enable_grad():
             for it in range(1, self.max_iter + 1):
-                y_var = y.detach().requires_grad_(True)
-                f = smoothed(y_var, it)  # [B]
-                (grad,) = torch.autograd.grad(f.sum(), y_var)
-                f = f.detach()
-                step_mask = active.unsqueeze(-1).to(y.dtype)  # [B, 1]: converged examples freeze
-                velocity = (self.momentum * velocity + grad) * step_mask
+                f, grad = smoothed_value_and_grad(y, it)  # [B], [B, L]
+                # Converged examples freeze: their step is scaled by 0. velocity ← grad + m·velocity
+                # and z ← z - lr·active·velocity are one fused pass each.
+                velocity = torch.add(grad, velocity, alpha=self.momentum)
+                step = (-self.lr * active.to(y.dtype)).unsqueeze(-1)  # [B, 1]
                 if self.method == "mirror":
-                    z = (z - self.lr * velocity).clamp(-z_max, z_max)
+                    z = z.addcmul(step, velocity).clamp_(-z_max, z_max)
                     y_new = torch.sigmoid(z)
                 else:
-                    y_new = (y - self.lr * velocity).clamp(0.0, 1.0)
-                if f_prev is not None and it > self.anneal_iters + 1:
+                    y_new = y.addcmul(step, velocity).clamp_(0.0, 1.0)
+                # Per-example convergence tests, on the device, every check_every iterations.
+                if f_prev is not None and it > self.anneal_iters + 1 and it % self.check_every == 0:
                     done = torch.zeros_like(active)
                     if self.rel_tol > 0:
                         done |= (f - f_prev).abs() <= self.rel_tol * f_prev.abs()
                     if self.abs_tol > 0:
                         done |= (y_new - y).abs().amax(-1) <= self.abs_tol
                     active = active & ~done
+                    # The only host sync of the loop: stop once stop_fraction has converged.
+                    if active.float().mean() <= 1 - self.stop_fraction + 1e-9:
+                        y = y_new
+                        break
                 y, f_prev = y_new, f
-                if it % self.check_every == 0 and active.float().mean() <= 1 - self.stop_fraction + 1e-9:
-                    break
         with torch.no_grad():
             final = smoothed(y, self.max_iter + 1)
         return InferenceResult(y.detach(), it, ~active, final.detach())

@@ -15,6 +15,18 @@ import torch
 from torch import nn
 
 from dsp.nn.mlp import MLP, make_activation
+from dsp.nn.smooth import SoftAbs
+
+# g'(h) of the activations a global energy may use, for the hand-written ∂E/∂ȳ (fast inference).
+_DERIVATIVES = {
+    nn.Softplus: lambda m, h: torch.sigmoid(m.beta * h),  # past torch's linear threshold σ(βh) = 1 in float
+    nn.ReLU: lambda m, h: (h > 0).to(h.dtype),
+    nn.Tanh: lambda m, h: 1 - torch.tanh(h) ** 2,
+    nn.Sigmoid: lambda m, h: torch.sigmoid(h) * torch.sigmoid(-h),
+    nn.Identity: lambda m, h: torch.ones_like(h),
+    nn.Hardtanh: lambda m, h: ((h > m.min_val) & (h < m.max_val)).to(h.dtype),
+    SoftAbs: lambda m, h: 0.5 * (torch.sigmoid(m.beta * h) - torch.sigmoid(-m.beta * h)),
+}
 
 
 @dataclass
@@ -72,6 +84,35 @@ class GlobalEnergy(nn.Module):
         h = self.activation(self.measure(inputs))
         return self.out(self.deeper(h)).squeeze(-1)  # [B]
 
+    def _layers(self) -> list[nn.Module]:
+        return [self.measure, self.activation, *self.deeper.net, self.out]
+
+    def has_analytic_gradient(self) -> bool:
+        """True when every layer has a hand-written derivative here (no active dropout)."""
+        for layer in self._layers():
+            if isinstance(layer, nn.Dropout):
+                if self.training and layer.p > 0:
+                    return False
+            elif not isinstance(layer, nn.Linear) and type(layer) not in _DERIVATIVES:
+                return False
+        return True
+
+    def value_and_grad(self, y: torch.Tensor, features: torch.Tensor | None = None):
+        """E_global(ȳ) [B] and ∂E_global/∂ȳ [B, L] by a hand-written backward pass, without autograd:
+        one matrix product per layer each way, which is what makes gradient inference cheap
+        (check has_analytic_gradient() first)."""
+        h = torch.cat([y, features], dim=-1) if self.conditional else y
+        pre_activations = []  # (layer, its input) for the non-linear layers; (layer, None) for Linear
+        for layer in self._layers():
+            if isinstance(layer, nn.Dropout):
+                continue  # identity in eval mode; has_analytic_gradient refuses active dropout
+            pre_activations.append((layer, None if isinstance(layer, nn.Linear) else h))
+            h = layer(h)
+        grad = torch.ones_like(h)  # [B, 1]
+        for layer, pre in reversed(pre_activations):
+            grad = grad @ layer.weight if pre is None else grad * _DERIVATIVES[type(layer)](layer, pre)
+        return h.squeeze(-1), grad[:, : self.num_labels]
+
     @property
     def measurement_matrix(self) -> torch.Tensor:
         """The label columns of C1 [measurements, L] (SPEN Figure 1)."""
@@ -106,6 +147,18 @@ class SPEN(nn.Module):
         if self.global_energy is not None:
             e = e + self.global_energy(y, feats.features)
         return e
+
+    def has_analytic_gradient(self) -> bool:
+        return self.global_energy is None or self.global_energy.has_analytic_gradient()
+
+    def energy_and_grad(self, y: torch.Tensor, feats: SpenFeatures):
+        """E_x(ȳ) [B] and ∂E/∂ȳ [B, L] in closed form (see has_analytic_gradient); no graph is built."""
+        with torch.no_grad():
+            local = -torch.linalg.vecdot(y, feats.logits)  # [B]
+            if self.global_energy is None:
+                return local, -feats.logits
+            e_global, g_global = self.global_energy.value_and_grad(y, feats.features)
+            return local + e_global, g_global - feats.logits
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """E_x(ȳ) [B] in one call (features are usually computed once and reused instead)."""
