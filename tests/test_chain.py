@@ -76,6 +76,40 @@ def test_exact_inference_matches_brute_force(K, T, per_edge):
 
 
 @pytest.mark.parametrize("per_edge", [False, True])
+@pytest.mark.parametrize("scale", [5.0, 60.0])
+def test_both_forward_passes_match_brute_force(per_edge, scale):
+    """Pairwise tables spanning less than MATMUL_RANGE take the matrix-product forward pass, wider
+    ones the logsumexp recursion (scale 60 spans ~250): both are exact, with their gradients."""
+    from dsp.inference import chain
+
+    for seed in SEEDS:
+        unary, pairwise, lengths = problem(seed, 3, 4, per_edge, scale=scale)
+        span = float(pairwise.nan_to_num().amax() - pairwise.nan_to_num().amin())
+        assert (span < chain.MATMUL_RANGE) == (scale == 5.0)
+        ref = brute(unary.nan_to_num(), pairwise.nan_to_num(), lengths)
+        torch.testing.assert_close(log_partition(unary, pairwise, lengths), torch.stack([r["logz"] for r in ref]))
+        torch.testing.assert_close(marginals(unary, pairwise, lengths), torch.stack([r["um"] for r in ref]))
+        torch.testing.assert_close(pairwise_marginals(unary, pairwise, lengths), torch.stack([r["pm"] for r in ref]))
+
+
+def test_matrix_product_forward_is_accurate_in_float32_near_its_range_limit(monkeypatch):
+    """A table spanning just under MATMUL_RANGE with unaries far apart: float32 matrix products
+    agree with the float64 logsumexp recursion (the reference), values and marginals."""
+    from dsp.inference import chain
+
+    g = torch.Generator().manual_seed(0)
+    unary = 30.0 * torch.randn(64, 14, 26, generator=g, dtype=torch.float64)
+    pairwise = torch.rand(26, 26, generator=g, dtype=torch.float64) * (chain.MATMUL_RANGE - 1)
+    lengths = torch.randint(1, 15, (64,), generator=g)
+    fast_z = log_partition(unary.float(), pairwise.float(), lengths)
+    fast_m = marginals(unary.float(), pairwise.float(), lengths)
+    monkeypatch.setattr(chain, "MATMUL_RANGE", 0.0)  # force the logsumexp recursion
+    ref_z, ref_m = log_partition(unary, pairwise, lengths), marginals(unary, pairwise, lengths)
+    torch.testing.assert_close(fast_z.double(), ref_z, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(fast_m.double(), ref_m, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("per_edge", [False, True])
 def test_marginals_are_distributions_and_zero_on_padding(per_edge):
     unary, pairwise, lengths = problem(3, K=3, T=6, per_edge=per_edge, B=5)
     mask = mask_from_lengths(lengths, 6)

@@ -8,7 +8,7 @@ Conventions (shared with every caller):
   lengths   [B] int64 with 1 <= lengths[b] <= T.
   labels    [B, T] int64 with -1 at padded positions.
 
-One primitive, the forward algorithm (`log_partition`), is written by hand; unary and pairwise
+One primitive, the forward algorithm (`log_partition`, matrix products in exp space), is written by hand; unary and pairwise
 marginals are its gradients w.r.t. unary and pairwise (the pytorch-struct idea), so they are
 exact, batched and differentiable for free. Every function loops over time only and is
 vectorised over batch and labels; padded steps are skipped with `torch.where` on the mask, which
@@ -89,14 +89,45 @@ def sequence_score(labels, unary, pairwise, lengths) -> torch.Tensor:
     return torch.where(mask, u, zero).sum(1) + torch.where(mask[:, 1:], w, zero).sum(1)  # [B]
 
 
+# Pairwise tables whose entries span less than this take the matrix-product forward pass: each
+# column of exp(W - max) then keeps an entry of 1 and nothing below exp(-60), far from float32's
+# underflow (1e-38), so no sum can vanish. Wider tables take the logsumexp recursion.
+MATMUL_RANGE = 60.0
+
+
+def _log_matmul_step(alpha: torch.Tensor, exp_edge: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """log Σ_i exp(alpha[b, i] + W[i, j]) as a matrix product: exp_edge = exp(W - shift) with shift
+    the column maxima ([K] or [B, K]); maxima are constants of the identity, so they are detached."""
+    top = alpha.amax(-1, keepdim=True).detach()  # [B, 1]
+    p = torch.exp(alpha - top)  # [B, K], max entry 1
+    if exp_edge.dim() == 2:
+        s = p @ exp_edge  # [B, K]
+    else:
+        s = torch.bmm(p.unsqueeze(1), exp_edge).squeeze(1)  # [B, K]
+    return torch.log(s) + top + shift
+
+
 def log_partition(unary, pairwise, lengths) -> torch.Tensor:
-    """log Z = log Σ_y exp s(y) by the forward algorithm in log space -> [B]."""
+    """log Z = log Σ_y exp s(y) by the forward algorithm -> [B].
+
+    Each step is a [B, K] × [K, K] matrix product in exp space, stabilised by the row maxima of
+    alpha and the column maxima of W (exact, not an approximation); tables spanning MATMUL_RANGE
+    or more fall back to logsumexp over [B, K, K], which never underflows."""
     lengths, mask = _check(unary, pairwise, lengths)
     unary, pairwise = _clean(unary, pairwise, mask)
     alpha = unary[:, 0]  # [B, K]: log-sum over prefixes ending in each label
-    for t in range(1, unary.shape[1]):
-        nxt = torch.logsumexp(alpha[:, :, None] + _edge(pairwise, t - 1), dim=1) + unary[:, t]  # [B, K]
-        alpha = torch.where(mask[:, t, None], nxt, alpha)  # finished sequences keep their alpha
+    T = unary.shape[1]
+    if T > 1 and float(pairwise.detach().amax() - pairwise.detach().amin()) < MATMUL_RANGE:
+        shift = pairwise.detach().amax(-2)  # [K] or [B, T-1, K]: column maxima
+        exp_pairwise = torch.exp(pairwise - shift.unsqueeze(-2))  # once for all steps
+        for t in range(1, T):
+            edge_shift = shift if pairwise.dim() == 2 else shift[:, t - 1]
+            nxt = _log_matmul_step(alpha, _edge(exp_pairwise, t - 1), edge_shift) + unary[:, t]  # [B, K]
+            alpha = torch.where(mask[:, t, None], nxt, alpha)  # finished sequences keep their alpha
+    else:
+        for t in range(1, T):
+            nxt = torch.logsumexp(alpha[:, :, None] + _edge(pairwise, t - 1), dim=1) + unary[:, t]  # [B, K]
+            alpha = torch.where(mask[:, t, None], nxt, alpha)
     return torch.logsumexp(alpha, dim=-1)  # [B]
 
 
