@@ -191,7 +191,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- train
     def fit(self) -> dict:
-        start_time = time.time()
+        start_time = self.fit_start = time.time()
+        self.target_reached_s = None  # trainer.stop_at: wall time at which validation reached it
         resume = self._resume_state()
         self.dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
         writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else _NoWriter()
@@ -199,13 +200,18 @@ class Trainer:
         with self._stop, closing(writer):
             for i in range(first_stage, len(self.stages)):
                 self._fit_stage(i, writer, resume if i == first_stage else None)
+                if self.target_reached_s is not None:
+                    break  # trainer.stop_at: good enough, skip the remaining stages
             metrics = None
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
                 metrics = self.final_metrics()
                 metrics["train/time_s"] = round(time.time() - start_time, 3)
+                if self.cfg.get("stop_at") is not None:  # time to accuracy (validation reached stop_at)
+                    metrics["train/time_to_target_s"] = self.target_reached_s
                 metrics["train/epochs"] = self.global_epoch
                 metrics.update(peak_memory_mb(self.device))
-                writer.add_hparams(self.hparams(), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+                writer.add_hparams(self.hparams(), {f"hparam/{k}": v for k, v in metrics.items() if v is not None},
+                                  run_name=".")
             metrics = self.dist.broadcast_object(metrics)
         if self.main:
             write_json(metrics, self.run_dir / "metrics.json")
@@ -332,6 +338,12 @@ class Trainer:
             if improved:
                 self._save(state, "best.pt")
             self._save_last(state)
+            stop_at = self.cfg.get("stop_at")
+            if stop_at is not None and current >= float(stop_at):
+                self.target_reached_s = round(time.time() - self.fit_start, 3)
+                self._write(f"stage {stage.name}: val {monitor} {current:.2f} reached trainer.stop_at={stop_at} "
+                            f"after {self.target_reached_s:.1f} s; stopping")
+                break
         self._write(f"stage {stage.name}: best val {monitor} {best:.2f} after {ran} epoch(s)")
         # Early stopping: continue from (and finish with) the stage's best weights.
         if self.main:
@@ -397,6 +409,7 @@ class Trainer:
             writer.add_scalar("val/threshold", threshold, e)
         writer.add_scalar("val/inference_iters", iters, e)
         writer.add_scalar("lr", optimizer.param_groups[0]["lr"], e)
+        writer.add_scalar("time/elapsed_s", time.time() - self.fit_start, e)  # wall clock, validation included
         if self._last_val is not None:  # e.g. denoising: noisy / prediction / clean
             for name, arr in self.task.figures(*self._last_val).items():
                 writer.add_image(f"val/{name}", arr, e, dataformats="HW")
