@@ -52,6 +52,15 @@ def test_prefetch_matches_plain_indexing(stored, split, batch, start):
     assert not loader._thread.is_alive()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_prefetch_pins_batches_for_asynchronous_copies(stored):
+    path, arrays = stored
+    plain = list(PrefetchBatches(path, "train", torch.arange(37), 8))
+    pinned = list(PrefetchBatches(path, "train", torch.arange(37), 8, pin_memory=True))
+    assert all(t.is_pinned() for batch in pinned for t in batch)
+    assert all(torch.equal(a, b) for pb, qb in zip(plain, pinned) for a, b in zip(pb, qb))
+
+
 def test_prefetch_early_break_and_gc_stop_the_reader(stored):
     path, _ = stored
     order = np.arange(37)

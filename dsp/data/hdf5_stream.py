@@ -92,7 +92,13 @@ def _read_rows(ds: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
     return out[inverse]
 
 
-def _reader(path, split, order, batch_size, start, transform, out: queue.Queue, stop: threading.Event):
+def _pinned(batch):
+    """Page-locked copies, so the consumer's `.to(cuda, non_blocking=True)` overlaps the copy."""
+    return tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in batch)
+
+
+def _reader(path, split, order, batch_size, start, transform, out: queue.Queue, stop: threading.Event,
+            pin: bool = False):
     """Background thread: holds no reference to the PrefetchBatches, so that it can be collected."""
 
     def put(item) -> bool:
@@ -109,7 +115,8 @@ def _reader(path, split, order, batch_size, start, transform, out: queue.Queue, 
             xs, ys = f[split]["x"], f[split]["y"]
             for a in range(start, len(order), batch_size):
                 idx = order[a : a + batch_size]
-                if stop.is_set() or not put(("batch", transform(_read_rows(xs, idx), _read_rows(ys, idx)))):
+                batch = transform(_read_rows(xs, idx), _read_rows(ys, idx))
+                if stop.is_set() or not put(("batch", _pinned(batch) if pin else batch)):
                     return
         put(("done", None))
     except BaseException as err:  # surfaces in the consumer, which re-raises it
@@ -121,7 +128,8 @@ class PrefetchBatches:
     by a background thread while the caller computes on the previous batch.
 
     Yields `transform(x, y)` (default `to_tensors`: uint8 -> float32 / 255) in order; at most
-    `depth` batches wait in memory. The reader stops and closes the file when the pass ends, on
+    `depth` batches wait in memory; with `pin_memory` (training on CUDA) they are page-locked by
+    the reader thread, so copies to the GPU can be asynchronous. The reader stops and closes the file when the pass ends, on
     `close()` (or leaving a `with` block) and when the object is garbage collected, so breaking
     out of a `for` loop never leaves a thread behind. Errors in the reader are raised here.
     One object is one pass: make a new one (with a new `order`) for each epoch.
@@ -136,6 +144,7 @@ class PrefetchBatches:
         start: int = 0,
         depth: int = 2,
         transform: Callable[[np.ndarray, np.ndarray], tuple] | None = None,
+        pin_memory: bool = False,
     ):
         if batch_size < 1 or depth < 1 or start < 0:
             raise ValueError(f"need batch_size >= 1, depth >= 1, start >= 0 (got {batch_size}, {depth}, {start})")
@@ -144,6 +153,7 @@ class PrefetchBatches:
         self.order = self.order.astype(np.int64).reshape(-1)
         self.batch_size, self.start, self.depth = batch_size, start, depth
         self.transform = transform or to_tensors
+        self.pin_memory = pin_memory
         try:
             with h5py.File(self.path, "r") as f:
                 n = f[split]["x"].shape[0]
@@ -171,7 +181,7 @@ class PrefetchBatches:
         if self._thread is None:
             self._queue = queue.Queue(self.depth)
             args = (self.path, self.split, self.order, self.batch_size, self.start, self.transform,
-                    self._queue, self._stop)
+                    self._queue, self._stop, self.pin_memory)
             self._thread = threading.Thread(target=_reader, args=args, name="dsp-prefetch", daemon=True)
             self._thread.start()
         kind, item = self._queue.get()

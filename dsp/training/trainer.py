@@ -279,7 +279,7 @@ class Trainer:
                 lo, hi = self.dist.shard(len(idx))
                 mine = idx[lo:hi]
                 extra = {"index": mine} if by_id else {}
-                xb, yb = (x[mine], y[mine]) if stream is None else (t[lo:hi].to(self.device) for t in next(stream))
+                xb, yb = (x[mine], y[mine]) if stream is None else (t[lo:hi].to(self.device, non_blocking=True) for t in next(stream))
                 optimizer.zero_grad(set_to_none=True)
                 logs, stop = {}, self._stop.requested  # ddp: the flag all ranks agree on, below
                 if not self.dist.enabled:
@@ -374,7 +374,8 @@ class Trainer:
             if not source.is_file() and self.main:
                 cache_to_hdf5(self.data, source)
             self.dist.barrier()  # ddp: rank 0 wrote it before the others read it
-        return iter(PrefetchBatches(source, "train", perm.cpu(), batch_size, start=start))
+        return iter(PrefetchBatches(source, "train", perm.cpu(), batch_size, start=start,
+                                    pin_memory=self.device.type == "cuda"))
 
     def _probe(self, stage: Stage, writer: SummaryWriter) -> None:
         """trainer.probe_every > 0: every that many steps, log the objective's probe (e.g. the MRF's
