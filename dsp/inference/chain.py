@@ -169,24 +169,37 @@ def pairwise_marginals(unary, pairwise, lengths) -> torch.Tensor:
 
 
 def viterbi(unary, pairwise, lengths):
-    """MAP labelling by max-product with back-pointers -> (labels [B, T] int64, -1 padded; score [B])."""
+    """MAP labelling by max-product -> (labels [B, T] int64, -1 padded; score [B]).
+
+    Laid out label-major ([K, B], [K_old, K_new, B]) so that every max runs over the outermost
+    axis: an element-wise maximum of contiguous slabs, several times faster than a max over a
+    short innermost axis. The forward pass keeps only the max-marginals δ_t (no argmax, the
+    costly part of a max); the backtrack recomputes argmax_i δ_t[i] + W[i, y_{t+1}] for the one
+    label chosen at t+1, from the same floats, so it picks what back-pointers would have."""
     lengths, mask = _check(unary, pairwise, lengths)
     unary, pairwise = _clean(unary, pairwise, mask)
     B, T, K = unary.shape
-    identity = torch.arange(K, device=unary.device).expand(B, K)  # [B, K]
-    delta = unary[:, 0]  # [B, K]: best prefix score ending in each label
-    pointers = []
+    u = unary.permute(1, 2, 0)  # [T, K, B]
+    valid = mask.t()[:, None, :]  # [T, 1, B]
+    # edge t-1 as [K_old, K_new, 1] (shared) or [K_old, K_new, B] (per example)
+    edges = pairwise[:, :, None] if pairwise.dim() == 2 else pairwise.permute(1, 2, 3, 0)
+    delta = u[0]  # [K, B]: best prefix score ending in each label
+    deltas = [delta]
     for t in range(1, T):
-        best, arg = (delta[:, :, None] + _edge(pairwise, t - 1)).max(dim=1)  # [B, K], [B, K]
-        valid = mask[:, t, None]  # [B, 1]
-        delta = torch.where(valid, best + unary[:, t], delta)
-        # Identity pointers on padding: backtracking from T-1 then carries the last valid label
-        # unchanged down to position lengths-1, so one batched backward pass serves all lengths.
-        pointers.append(torch.where(valid, arg, identity))  # [B, K]
-    score, y = delta.max(dim=-1)  # [B], [B]
+        edge = edges if pairwise.dim() == 2 else edges[t - 1]
+        nxt = (delta[:, None, :] + edge).amax(0) + u[t]  # [K, B]
+        delta = torch.where(valid[t], nxt, delta)  # finished sequences keep their δ
+        deltas.append(delta)
+    score, y = delta.max(0)  # [B], [B]
     path = [y]
-    for ptr in reversed(pointers):
-        y = ptr.gather(1, y[:, None]).squeeze(1)  # [B]
+    for t in range(T - 2, -1, -1):
+        if pairwise.dim() == 2:
+            w = pairwise.index_select(1, y)  # [K, B]: W[i, y_b]
+        else:
+            w = edges[t].gather(1, y.view(1, 1, B).expand(K, 1, B)).squeeze(1)  # [K, B]
+        best = (deltas[t] + w).max(0).indices  # [B]
+        # past a sequence's end the label is carried down unchanged to position lengths-1
+        y = torch.where(valid[t + 1, 0], best, y)
         path.append(y)
     labels = torch.stack(path[::-1], dim=1).masked_fill(~mask, -1)  # [B, T]
     return labels, score
