@@ -334,12 +334,17 @@ class Trainer:
             if self.main:
                 self._log_epoch(writer, stage, metrics, threshold, iters, optimizer)
             epochs.set_postfix({monitor: f"{current:.2f}", "best": f"{best:.2f}"})
+            stop_at = self.cfg.get("stop_at")
+            # trainer.stop_at: the first epoch at or above it is the model to keep, even when
+            # min_delta would not count its gain as progress (every earlier epoch was below it)
+            reached = stop_at is not None and current >= float(stop_at)
+            if reached and not improved:
+                best, bad_epochs = current, 0
             state = self._state(index, epoch, best, bad_epochs, threshold, optimizer, scheduler)
-            if improved:
+            if improved or reached:
                 self._save(state, "best.pt")
             self._save_last(state)
-            stop_at = self.cfg.get("stop_at")
-            if stop_at is not None and current >= float(stop_at):
+            if reached:
                 self.target_reached_s = round(time.time() - self.fit_start, 3)
                 self._write(f"stage {stage.name}: val {monitor} {current:.2f} reached trainer.stop_at={stop_at} "
                             f"after {self.target_reached_s:.1f} s; stopping")
