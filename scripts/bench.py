@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from functools import partial
@@ -45,6 +44,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start-up chatte
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_* scripts
+import bench_chain  # noqa: E402
 
 SUITES = ("spen_inference", "chain_crf", "mrf", "e2e", "dvn")
 
@@ -54,23 +54,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_op(fn, device, repeats: int, warmup: int) -> list[float]:
-    """Wall times in ms of fn() over `repeats` runs after `warmup` runs (device synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1000.0 * (time.perf_counter() - t0))
-    return times
-
-
-def make_row(name: str, device, times: list[float], shapes: dict, **extra) -> dict:
-    return {"name": name, "device": str(device), "median_ms": statistics.median(times),
-            "min_ms": min(times), "max_ms": max(times), "shapes": shapes, "repeats": len(times),
+def timed_row(name: str, fn, device, repeats: int, warmup: int, shapes: dict, **extra) -> dict:
+    """Time fn() (bench_chain.time_op: device synchronised, ms) into one JSON row."""
+    median, lo, hi = bench_chain.time_op(fn, device, repeats, warmup)
+    return {"name": name, "device": str(device), "median_ms": median,
+            "min_ms": lo, "max_ms": hi, "shapes": shapes, "repeats": repeats,
             "threads": torch.get_num_threads(), "torch": torch.__version__, **extra}
 
 
@@ -171,8 +159,8 @@ def suite_spen_inference(args, device) -> list[dict]:
     for name, (what, fn) in table.items():
         with torch.no_grad():
             diff = float((fn() - expected).abs().max())
-        times = time_op(fn, device, args.repeats, args.warmup)
-        rows.append(make_row(name, device, times, shapes, what=what, max_abs_diff_vs_handwritten=diff))
+        rows.append(timed_row(name, fn, device, args.repeats, args.warmup, shapes, what=what,
+                              max_abs_diff_vs_handwritten=diff))
     return rows
 
 
@@ -180,8 +168,6 @@ def suite_spen_inference(args, device) -> list[dict]:
 # Chain CRF (delegates to scripts/bench_chain.py)
 # ----------------------------------------------------------------------------------------------
 def suite_chain_crf(args, device) -> list[dict]:
-    import bench_chain
-
     shapes = dict(batch=512, length=14, labels=26, mixed_lengths=False)
     if args.quick:
         shapes.update(batch=4, length=3, labels=3)
@@ -193,9 +179,8 @@ def suite_chain_crf(args, device) -> list[dict]:
     agreement = bench_chain.check_agreement(table, *problem)
     rows = []
     for (task, library), (what, fn) in table.items():
-        times = time_op(fn, device, args.repeats, args.warmup)
-        rows.append(make_row(bench_chain.row_name(task, library), device, times, shapes, what=what,
-                             library=library, agreement=agreement))
+        rows.append(timed_row(bench_chain.row_name(task, library), fn, device, args.repeats, args.warmup,
+                              shapes, what=what, library=library, agreement=agreement))
     return rows
 
 
@@ -229,11 +214,9 @@ def suite_mrf(args, device) -> list[dict]:
             opt.step()
 
         repeats = args.repeats if "word50" in name else max(1, args.repeats // 4)
-        times = time_op(step, device, repeats, args.warmup)
-        rows.append(make_row(name, device, times, dict(batch=b, sweeps=sweeps, variables=inputs.shape[1] if
-                                                       inputs.dim() > 2 else labels),
-                             what="unaries, message-passing sweeps, Eq. 5 loss, backward, SGD step",
-                             paper_ms=paper_ms))
+        shapes = dict(batch=b, sweeps=sweeps, variables=inputs.shape[1] if inputs.dim() > 2 else labels)
+        rows.append(timed_row(name, step, device, repeats, args.warmup, shapes, paper_ms=paper_ms,
+                              what="unaries, message-passing sweeps, Eq. 5 loss, backward, SGD step"))
     return rows
 
 
@@ -282,11 +265,10 @@ def suite_e2e(args, device) -> list[dict]:
             opt.step()
 
         repeats = args.repeats if steps <= 3 else max(1, args.repeats // 2)
-        times = time_op(step, device, repeats, args.warmup)
-        rows.append(make_row(f"e2e_denoise_train_step_T{steps}_dsp", device, times,
-                             dict(batch=batch, height=x.shape[-2], width=x.shape[-1], T=steps),
-                             what="deep prior (Eq. 15): features, T unrolled steps, Eq. 9 loss, backward, Adam",
-                             profile=profile_split(step, device)))
+        rows.append(timed_row(f"e2e_denoise_train_step_T{steps}_dsp", step, device, repeats, args.warmup,
+                              dict(batch=batch, height=x.shape[-2], width=x.shape[-1], T=steps),
+                              what="deep prior (Eq. 15): features, T unrolled steps, Eq. 9 loss, backward, Adam",
+                              profile=profile_split(step, device)))
     return rows
 
 
@@ -316,11 +298,10 @@ def suite_dvn(args, device) -> list[dict]:
         masks = torch.cat([inference(model, f).y for f in feats])  # [N·K, c, c]
         return average_crops(masks.view(images, count, crop, crop), corners, (side, side))
 
-    times = time_op(predict, device, args.repeats, args.warmup)
-    return [make_row("dvn_inference_horses_dsp", device, times,
-                     dict(images=images, side=side, crop=crop, crops=count, steps=steps, base_width=width,
-                          crops_per_batch=chunk),
-                     what="36 crops per image, projected ascent from 0, mask averaging")]
+    return [timed_row("dvn_inference_horses_dsp", predict, device, args.repeats, args.warmup,
+                      dict(images=images, side=side, crop=crop, crops=count, steps=steps, base_width=width,
+                           crops_per_batch=chunk),
+                      what="36 crops per image, projected ascent from 0, mask averaging")]
 
 
 # ----------------------------------------------------------------------------------------------

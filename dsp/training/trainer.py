@@ -279,7 +279,10 @@ class Trainer:
                 lo, hi = self.dist.shard(len(idx))
                 mine = idx[lo:hi]
                 extra = {"index": mine} if by_id else {}
-                xb, yb = (x[mine], y[mine]) if stream is None else (t[lo:hi].to(self.device, non_blocking=True) for t in next(stream))
+                if stream is None:
+                    xb, yb = x[mine], y[mine]
+                else:  # (pinned on CUDA by the reader thread, so the copy is asynchronous)
+                    xb, yb = (t[lo:hi].to(self.device, non_blocking=True) for t in next(stream))
                 optimizer.zero_grad(set_to_none=True)
                 logs, stop = {}, self._stop.requested  # ddp: the flag all ranks agree on, below
                 if not self.dist.enabled:
