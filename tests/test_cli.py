@@ -234,17 +234,24 @@ def test_min_delta_counts_small_gains_as_no_progress(tmp_path):
 
 def test_stop_at_ends_training_once_validation_reaches_it_and_reports_the_time(tmp_path):
     """trainer.stop_at below any score stops after the first epoch, skipping later stages, and
-    keeps that epoch's model even when min_delta counts its gain as no progress; one above any
-    score never fires (the run goes on and records no time)."""
+    keeps that epoch's model even when min_delta counts its gain as no progress; resuming that run
+    trains no further and keeps its time to target; one above any score never fires (the run goes
+    on and records no time)."""
     common = [*QUICK, *TINY_SYNTHETIC, "trainer=staged", "trainer.max_epochs=3", "trainer.patience=100"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         low = compose("config", overrides=[*common, "trainer.stop_at=-1", "trainer.min_delta=1000"])
         high = compose("config", overrides=[*common, "trainer.stop_at=1000"])
+        again = compose("config", overrides=[*common, "trainer.stop_at=-1", "trainer.min_delta=1000",
+                                             "trainer.resume=true"])
     reached = train(low, tmp_path / "low")
     assert reached["train/epochs"] == 1
     assert 0 < reached["train/time_to_target_s"] <= reached["train/time_s"]
     best = torch.load(tmp_path / "low" / "checkpoints" / "best.pt", weights_only=False)
     assert best["epoch"] == 1 and best["best_metric"] == pytest.approx(reached["val/example_f1"])
+    resumed = train(again, tmp_path / "low")
+    assert resumed["train/epochs"] == 1 and resumed["train/time_to_target_s"] == reached["train/time_to_target_s"]
+    assert resumed["val/example_f1"] == pytest.approx(reached["val/example_f1"])
+    assert resumed["train/time_s"] >= reached["train/time_to_target_s"]  # the clock went on from the checkpoint
     never = train(high, tmp_path / "high")
     assert never["train/epochs"] == 9 and never["train/time_to_target_s"] is None
 

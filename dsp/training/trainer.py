@@ -133,6 +133,9 @@ class Trainer:
             "threshold": threshold,
             "config": self.config_dict,
             "seed": self.seed,
+            # wall clock so far and trainer.stop_at's time to target: a resumed run keeps counting
+            "elapsed_s": round(time.time() - self.fit_start, 3),
+            "target_reached_s": self.target_reached_s,
             "rng": rng_state(),
             # every rank's generators under trainer.strategy=ddp (rank r resumes from its own)
             **({"rng_ranks": self.dist.all_gather_object(rng_state())} if self.dist.enabled else {}),
@@ -194,14 +197,19 @@ class Trainer:
         start_time = self.fit_start = time.time()
         self.target_reached_s = None  # trainer.stop_at: wall time at which validation reached it
         resume = self._resume_state()
+        if resume is not None:  # the clock and stop_at's verdict continue from the checkpoint
+            start_time = self.fit_start = start_time - resume.get("elapsed_s", 0.0)
+            self.target_reached_s = resume.get("target_reached_s")
         self.dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
         writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else _NoWriter()
         first_stage = resume["stage_index"] if resume else 0
         with self._stop, closing(writer):
+            if self.target_reached_s is not None:  # resuming a run that already reached stop_at
+                self._load_best()
             for i in range(first_stage, len(self.stages)):
-                self._fit_stage(i, writer, resume if i == first_stage else None)
                 if self.target_reached_s is not None:
                     break  # trainer.stop_at: good enough, skip the remaining stages
+                self._fit_stage(i, writer, resume if i == first_stage else None)
             metrics = None
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
                 metrics = self.final_metrics()
@@ -343,17 +351,21 @@ class Trainer:
             reached = stop_at is not None and current >= float(stop_at)
             if reached and not improved:
                 best, bad_epochs = current, 0
+            if reached:  # before the checkpoint, so that a resumed run knows it is done
+                self.target_reached_s = round(time.time() - self.fit_start, 3)
             state = self._state(index, epoch, best, bad_epochs, threshold, optimizer, scheduler)
             if improved or reached:
                 self._save(state, "best.pt")
             self._save_last(state)
             if reached:
-                self.target_reached_s = round(time.time() - self.fit_start, 3)
                 self._write(f"stage {stage.name}: val {monitor} {current:.2f} reached trainer.stop_at={stop_at} "
                             f"after {self.target_reached_s:.1f} s; stopping")
                 break
         self._write(f"stage {stage.name}: best val {monitor} {best:.2f} after {ran} epoch(s)")
         # Early stopping: continue from (and finish with) the stage's best weights.
+        self._load_best()
+
+    def _load_best(self) -> None:
         if self.main:
             self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
         self.dist.broadcast_module(self.model)  # ddp: rank 0's reloaded weights everywhere
