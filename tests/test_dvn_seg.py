@@ -99,6 +99,25 @@ def test_value_objective_tuples_on_masks(tmp_path):
     assert torch.isfinite(loss) and 0 <= logs["v_star"] <= 1
 
 
+@pytest.mark.parametrize("generate_in", ["eval", "train"])
+def test_tuples_come_from_the_dropout_free_ascent_unless_asked_otherwise(generate_in):
+    """generate_in="eval": the inference source sees the model in eval mode (dropout off, the
+    test-time ascent) and the loss is taken back in train mode; "train" leaves the mode alone."""
+    model = tiny_dvn(dropout=0.5).train()
+    x, y = torch.rand(4, 3, 8, 8), (torch.rand(4, 8, 8) < 0.4).float()
+    seen = []
+
+    def spy(m, feats, train=False):
+        seen.append(m.training)
+        return ascent()(m, feats, train=train)
+
+    obj = ValueObjective(sources={"inference": 1}, oracle="iou", generate_in=generate_in)
+    loss, _ = obj.loss(model, spy, x, y)
+    assert seen == [generate_in == "train"] and model.training and loss.requires_grad
+    with pytest.raises(DspError, match="generate_in"):
+        ValueObjective(generate_in="test")
+
+
 def test_training_steps_reduce_the_value_loss_on_a_tiny_image_folder(tmp_path):
     data = load_horses(write_image_folder(tmp_path / "horses"), size=8, train=[1, 6], val=None, test=[7, 8])
     x, y = data.split("train").tensors

@@ -25,10 +25,17 @@ Sources (§3.3):
 
 Generated ȳ are detached: gradients reach the model parameters only through v(x, ȳ). The
 features F(x) are computed once per batch and reused by every source and the loss.
+
+generate_in="eval" (default) runs the sources with the model in eval mode, so that inference tuples
+come from the same deterministic ascent that predicts at test time; in train mode every ascent
+step would see a fresh dropout mask (the segmentation value network has dropout on its first fully
+connected layer), and the network would learn to score a noisier trajectory than the one it is
+used on. generate_in="train" keeps the model as the trainer set it.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,17 @@ from dsp.models.spen import SpenFeatures
 from dsp.tasks.oracles import oracle_fn
 
 SOURCES = ("ground_truth", "inference", "adversarial", "stratified")
+
+
+@contextmanager
+def _mode(model, training: bool):
+    """Run a block with the model in train or eval mode, then restore its previous mode."""
+    was = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def _take(feats: SpenFeatures, idx: torch.Tensor) -> SpenFeatures:
@@ -57,6 +75,7 @@ class ValueObjective:
         stratified_temperature: float = 0.05,
         stratified_candidates: int = 8,
         stratified_max_flips: int = 10,
+        generate_in: str = "eval",
     ):
         sources = dict(sources if sources is not None else {"ground_truth": 1, "inference": 1, "adversarial": 1})
         unknown = set(sources) - set(SOURCES)
@@ -70,6 +89,9 @@ class ValueObjective:
             raise DspError(f"objective.trajectory={trajectory!r}: choose 'final' or 'random'")
         if adversarial_steps < 1 or stratified_candidates < 1 or stratified_max_flips < 1:
             raise DspError("objective.adversarial_steps, stratified_candidates and stratified_max_flips must be >= 1")
+        if generate_in not in ("eval", "train"):
+            raise DspError(f"objective.generate_in={generate_in!r}: choose 'eval' (tuples from the test-time "
+                           f"ascent, dropout off) or 'train'")
         if stratified_temperature <= 0:
             raise DspError(f"objective.stratified_temperature must be > 0, got {stratified_temperature}")
         self.names = [n for n in SOURCES if float(sources.get(n, 0)) > 0]
@@ -78,6 +100,7 @@ class ValueObjective:
         self.trajectory = trajectory
         self.adversarial_steps, self.adversarial_lr = adversarial_steps, adversarial_lr
         self.tau, self.candidates, self.max_flips = stratified_temperature, stratified_candidates, stratified_max_flips
+        self.generate_in = generate_in
 
     # ------------------------------------------------------------------------------- the loss
     def regression(self, score: torch.Tensor, v_star: torch.Tensor) -> torch.Tensor:
@@ -92,11 +115,12 @@ class ValueObjective:
         source = torch.multinomial(self.weights, y.shape[0], replacement=True).to(y.device)  # [B]
         y_bar = torch.empty_like(y)
         drawn = {}
-        for k, name in enumerate(self.names):
-            idx = (source == k).nonzero().squeeze(-1)  # [n_k]
-            if idx.numel() > 0:
-                drawn[name] = idx
-                y_bar[idx] = getattr(self, f"generate_{name}")(model, inference, _take(fixed, idx), y[idx])
+        with _mode(model, self.generate_in == "train" and model.training):
+            for k, name in enumerate(self.names):
+                idx = (source == k).nonzero().squeeze(-1)  # [n_k]
+                if idx.numel() > 0:
+                    drawn[name] = idx
+                    y_bar[idx] = getattr(self, f"generate_{name}")(model, inference, _take(fixed, idx), y[idx])
         y_bar = y_bar.detach()  # [B, L]
         with torch.no_grad():
             v_star = self.oracle(y_bar, y)  # [B]
