@@ -131,7 +131,8 @@ class PrefetchBatches:
     `depth` batches wait in memory; with `pin_memory` (training on CUDA) they are page-locked by
     the reader thread, so copies to the GPU can be asynchronous. The reader stops and closes the
     file when the pass ends, on `close()` (or leaving a `with` block) and when the object is
-    garbage collected, so breaking out of a `for` loop never leaves a thread behind. Errors in the reader are raised here.
+    garbage collected, so breaking out of a `for` loop never leaves a thread behind. Errors in the
+    reader are raised here.
     One object is one pass: make a new one (with a new `order`) for each epoch.
     """
 

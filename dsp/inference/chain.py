@@ -10,9 +10,9 @@ Conventions (shared with every caller):
 
 One primitive, the forward algorithm (`log_partition`, matrix products in exp space), is written
 by hand; unary and pairwise marginals are its gradients w.r.t. unary and pairwise (the
-pytorch-struct idea), so they are exact, batched and differentiable for free. Every function loops over time only and is
-vectorised over batch and labels; padded steps are skipped with `torch.where` on the mask, which
-makes mixed lengths in one batch exact.
+pytorch-struct idea), so they are exact, batched and differentiable for free. Every function
+loops over time only and is vectorised over batch and labels; padded steps are skipped with
+`torch.where` on the mask, which makes mixed lengths in one batch exact.
 """
 from __future__ import annotations
 

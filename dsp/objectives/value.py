@@ -35,7 +35,7 @@ used on. generate_in="train" keeps the model as the trainer set it.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -43,19 +43,9 @@ import torch.nn.functional as F
 from dsp.errors import DspError
 from dsp.models.spen import SpenFeatures
 from dsp.tasks.oracles import oracle_fn
+from dsp.training.predict import eval_mode
 
 SOURCES = ("ground_truth", "inference", "adversarial", "stratified")
-
-
-@contextmanager
-def _mode(model, training: bool):
-    """Run a block with the model in train or eval mode, then restore its previous mode."""
-    was = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def _take(feats: SpenFeatures, idx: torch.Tensor) -> SpenFeatures:
@@ -115,7 +105,7 @@ class ValueObjective:
         source = torch.multinomial(self.weights, y.shape[0], replacement=True).to(y.device)  # [B]
         y_bar = torch.empty_like(y)
         drawn = {}
-        with _mode(model, self.generate_in == "train" and model.training):
+        with eval_mode(model) if self.generate_in == "eval" else nullcontext():
             for k, name in enumerate(self.names):
                 idx = (source == k).nonzero().squeeze(-1)  # [n_k]
                 if idx.numel() > 0:

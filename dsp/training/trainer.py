@@ -194,11 +194,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- train
     def fit(self) -> dict:
-        start_time = self.fit_start = time.time()
+        self.fit_start = time.time()
         self.target_reached_s = None  # trainer.stop_at: wall time at which validation reached it
         resume = self._resume_state()
         if resume is not None:  # the clock and stop_at's verdict continue from the checkpoint
-            start_time = self.fit_start = start_time - resume.get("elapsed_s", 0.0)
+            self.fit_start -= resume.get("elapsed_s", 0.0)
             self.target_reached_s = resume.get("target_reached_s")
         self.dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
         writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else _NoWriter()
@@ -213,7 +213,7 @@ class Trainer:
             metrics = None
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
                 metrics = self.final_metrics()
-                metrics["train/time_s"] = round(time.time() - start_time, 3)
+                metrics["train/time_s"] = round(time.time() - self.fit_start, 3)
                 if self.cfg.get("stop_at") is not None:  # time to accuracy (validation reached stop_at)
                     metrics["train/time_to_target_s"] = self.target_reached_s
                 metrics["train/epochs"] = self.global_epoch
