@@ -121,14 +121,39 @@ class LoadedRun:
         return instantiate(self.config.data, "data")
 
 
-def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
-    """Load `run_dir/checkpoints/<ckpt>.pt` with the config stored inside it."""
+def _dotted(tree, prefix: str = ""):
+    """(dotted key, value) pairs of the leaves of a nested mapping."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def override_config(cfg: DictConfig, overrides, source: str) -> DictConfig:
+    """The stored config with `overrides` (a nested mapping, e.g. {"data": {"test_crops": 36}})
+    merged in: prediction-side settings such as data.test_crops or inference.max_iter. Keys the
+    stored config lacks are refused (a typo would otherwise be ignored silently)."""
+    if not overrides:
+        return cfg
+    tree = OmegaConf.to_container(overrides, resolve=True) if isinstance(overrides, DictConfig) else dict(overrides)
+    for key, _ in _dotted(tree):
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise DspError(f"{source}{key}: the run's config has no key {key!r}; only keys it already has "
+                           "can be changed (see .hydra/config.yaml in the run folder)")
+    return OmegaConf.merge(cfg, OmegaConf.create(tree))
+
+
+def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device = "cpu",
+             overrides=None) -> LoadedRun:
+    """Load `run_dir/checkpoints/<ckpt>.pt` with the config stored inside it, changed by
+    `overrides` ({"data": {"test_crops": 36}}; see override_config) when given."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DspError(f"run folder {run_dir} does not exist; pass run_dir=<a dsp-train output folder>")
     path = run_dir / "checkpoints" / f"{ckpt}.pt"
     state = load_checkpoint(path, map_location=device)
-    cfg = OmegaConf.create(state["config"])
+    cfg = override_config(OmegaConf.create(state["config"]), overrides, "dsp-eval +set.")
     model = build_model(cfg)
     inference = build_inference(cfg)
     attach_inference(model, inference)  # before loading: learned step sizes live in the state

@@ -101,6 +101,16 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert arrays["score"].dtype == np.float32 and arrays["pred"].shape == arrays["score"].shape == (48, 16)
     assert set(np.unique(arrays["target"])) <= {0, 1}
 
+    # prediction-side changes to the stored config, written beside the default evaluation
+    proc = run_cli("dsp-eval", f"run_dir={run}", "+set.inference.max_iter=1", "out=eval_one_step")
+    assert proc.returncode == 0, proc.stderr
+    one_step = json.loads((run / "eval_one_step" / "metrics.json").read_text())
+    assert one_step["test/inference_iters"] == 1 and evaluated["test/inference_iters"] > 1
+    assert json.loads((run / "eval" / "metrics.json").read_text()) == evaluated  # untouched
+    proc = run_cli("dsp-eval", f"run_dir={run}", "+set.inference.max_iters=1", "out=eval_typo")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no key 'inference.max_iters'" in proc.stdout + proc.stderr and not (run / "eval_typo").exists()
+
     import dsp  # and from Python, without Hydra
     loaded = dsp.load_run(run)
     assert loaded.threshold == ckpt["threshold"] and not loaded.model.training

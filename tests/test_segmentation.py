@@ -34,7 +34,9 @@ def test_task_decodes_at_one_half_and_saves_arrays():
     y = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
     assert task.calibrate(probs, y, "tune") is None
     # prediction {(0,0), (0,1)}, target {(0,0), (1,0)}: IoU 1/3
-    assert task.evaluate(probs, y) == pytest.approx({"mean_iou": 100 / 3, "global_iou": 100 / 3})
+    # soft IoU before rounding: Σ min = 0.9 + 0 + 0.49 + 0 = 1.39, Σ max = 1 + 0.5 + 1 + 0.1 = 2.6
+    assert task.evaluate(probs, y) == pytest.approx({"mean_iou": 100 / 3, "global_iou": 100 / 3,
+                                                     "soft_mean_iou": 100 * 1.39 / 2.6})
     arrays = task.arrays(probs, y)
     assert arrays["pred"].tolist() == [[[1, 1], [0, 0]]] and arrays["pred"].dtype.name == "uint8"
     assert arrays["target"].dtype.name == "uint8" and arrays["score"].dtype.name == "float32"

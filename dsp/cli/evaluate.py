@@ -1,6 +1,9 @@
-"""dsp-eval run_dir=DIR [split=test] [ckpt=best]: re-evaluate a trained run's checkpoint.
+"""dsp-eval run_dir=DIR [split=test] [ckpt=best] [+set.KEY=VALUE ...] [out=eval]: re-evaluate a
+trained run's checkpoint.
 
-Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz and prints the
+`+set.KEY=VALUE` changes a key of the run's stored config before the model is built, for
+prediction-side settings (+set.data.test_crops=36 +set.data.combine=joint
++set.inference.max_iter=50); give `out` a new folder name so the default evaluation is kept. Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz and prints the
 metrics. Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
 int64 [N, T] padded with -1, lengths [N], labels (index -> tag name); segmentation: pred and target
 uint8 [N, H, W], score float32 [N, H, W]; denoising: pred, target, noisy float32 [N, H, W] in [0, 1].
@@ -19,14 +22,15 @@ from omegaconf import DictConfig
 
 from dsp.build import load_run
 from dsp.cli.common import config_dir, print_table, user_errors
+from dsp.errors import DspError
 from dsp.tasks import task_for
 from dsp.training.checkpoint import _atomic, write_json
 from dsp.training.trainer import resolve_device
 
 
-def _evaluate(run_dir, split, ckpt, device, batch_size):
+def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None):
     """(metrics, arrays, figures) of a run folder's checkpoint on one split."""
-    run = load_run(run_dir, ckpt=ckpt, device=device)
+    run = load_run(run_dir, ckpt=ckpt, device=device, overrides=overrides)
     data = run.data()
     task = task_for(data)
     x, y = (t.to(device) for t in data.split(split).tensors)
@@ -40,9 +44,11 @@ def _evaluate(run_dir, split, ckpt, device, batch_size):
     return metrics, task.arrays(out, y, run.threshold, x=x), figures
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", device="cpu", batch_size=1024):
-    """Evaluate a run folder's checkpoint on one split; returns (metrics, arrays)."""
-    metrics, arrays, _ = _evaluate(run_dir, split, ckpt, device, batch_size)
+def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", device="cpu", batch_size=1024,
+                 overrides=None):
+    """Evaluate a run folder's checkpoint on one split (its stored config changed by `overrides`,
+    e.g. {"data": {"test_crops": 36}}); returns (metrics, arrays)."""
+    metrics, arrays, _ = _evaluate(run_dir, split, ckpt, device, batch_size, overrides)
     return metrics, arrays
 
 
@@ -66,11 +72,14 @@ def save_png(image: np.ndarray, path: Path) -> None:
 def _main(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
-    metrics, arrays, figures = _evaluate(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size)
-    write_json(metrics, run_dir / "eval" / "metrics.json")
-    save_npz(arrays, run_dir / "eval" / "predictions.npz")
+    out = str(cfg.out)
+    if not out or Path(out).name != out or out in (".", ".."):
+        raise DspError(f"out={out!r} must be a plain folder name inside the run folder (e.g. eval_joint36)")
+    metrics, arrays, figures = _evaluate(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size, cfg.set)
+    write_json(metrics, run_dir / out / "metrics.json")
+    save_npz(arrays, run_dir / out / "predictions.npz")
     for name, image in figures.items():
-        save_png(image, run_dir / "eval" / f"{name}.png")
+        save_png(image, run_dir / out / f"{name}.png")
     print_table(metrics, f"{run_dir} ({cfg.ckpt}.pt, {cfg.split} split):")
 
 

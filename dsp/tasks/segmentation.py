@@ -22,6 +22,8 @@ foreground class and in percent:
   mean_iou    per-image |ŷ ∩ y| / |ŷ ∪ y|, averaged over images; an image whose prediction and
               mask are both empty counts 100.
   global_iou  Σ|ŷ ∩ y| / Σ|ŷ ∪ y| over all pixels of the split.
+  soft_mean_iou  per-image Σ min(p, y) / Σ max(p, y) of the soft masks p before rounding (DVN
+              Table 4's "non-binary" rows: how close to 0/1 the combined masks are matters).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from dsp.errors import DspError
+from dsp.tasks.oracles import soft_iou
 from dsp.training.predict import eval_mode
 
 THRESHOLD = 0.5
@@ -55,6 +58,12 @@ def global_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Foreground IoU over all pixels of all images, in percent (100 when both are empty)."""
     inter, union = _intersection_union(pred, target)
     return 100.0 * (inter.sum() / union.sum()).item() if union.sum() > 0 else 100.0
+
+
+def soft_mean_iou(probs: torch.Tensor, target: torch.Tensor) -> float:
+    """Per-image soft IoU of the undecoded foreground probabilities, Σ min / Σ max (Eq. 6, 9-10),
+    averaged over images, in percent: DVN Table 4's "non-binary" rows."""
+    return 100.0 * soft_iou(probs.double(), target.double()).mean().item()
 
 
 def crop_grid(size: tuple[int, int], crop: int, count: int, device=None) -> torch.Tensor:
@@ -197,7 +206,8 @@ class SegmentationTask:
 
     def evaluate(self, probs, y, state=None) -> dict[str, float]:
         pred = decode(probs)
-        return {"mean_iou": mean_iou(pred, y), "global_iou": global_iou(pred, y)}
+        return {"mean_iou": mean_iou(pred, y), "global_iou": global_iou(pred, y),
+                "soft_mean_iou": soft_mean_iou(probs, y)}
 
     def arrays(self, probs, y, state=None, x=None) -> dict[str, np.ndarray]:
         return {
