@@ -227,6 +227,15 @@ def test_dvn_preset_trains_on_crops_and_predicts_by_joint_inference(tmp_path):
                                            "data.test_crops=9", "data.combine=joint", "inference.max_iter=3"])
     metrics = train(cfg, tmp_path / "run")
     assert 0 <= metrics["test/mean_iou"] <= 100 and metrics["test/inference_iters"] == 3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert {"figures/shape_prior", "figures/trajectory"} <= set(events.Tags()["images"])
+    from dsp.cli.evaluate import _evaluate
+
+    _, _, figures = _evaluate(tmp_path / "run", "test", "best", "cpu", 64)
+    assert figures["shape_prior"].shape == (32, 4 * 34 - 2, 3)  # whole 32×32 masks from 9 crops
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         bad = compose("config", overrides=["experiment=dvn_horses", *tiny_images_overrides(root), "data.crop=null",
                                            "data.test_crops=null"])
@@ -241,3 +250,29 @@ def test_fcn_learned_upsampling_gives_one_logit_per_pixel(size):
     assert fcn(torch.rand(2, 3, size, size)).shape == (2, size, size)
     with pytest.raises(DspError, match="model.upsample"):
         FCN(in_channels=3, upsample="nearest")
+
+
+def test_inference_figures_show_the_trajectory_prefixes_and_the_shape_prior():
+    """DVN Figures 1 and 5: each trajectory column is the ascent stopped after t steps (the last is
+    the prediction itself); the shape prior starts with the mean training mask."""
+    from dsp.tasks.segmentation_figures import GUTTER, _tile
+
+    torch.manual_seed(1)
+    x, y = torch.rand(6, 3, 8, 8), (torch.rand(6, 8, 8) < 0.5).float()
+    task, model, routine = SegmentationTask(), tiny_dvn(), ascent(max_iter=5)
+    figures = task.inference_figures(model, routine, (x, y), (x, y), batch_size=4, mode="inference")
+    step = 8 + GUTTER
+    traj = figures["trajectory"]  # 4 rows: image | t = 1, 2, 5 | truth
+    assert traj.shape == (4 * step - GUTTER, 5 * step - GUTTER, 3) and traj.dtype.name == "uint8"
+    full, _ = task.predict(model, routine, x[:4], y[:4], 4, "inference")
+    one, _ = task.predict(model, ascent(max_iter=1), x[:4], y[:4], 4, "inference")
+    tile = lambda r, c: traj[r * step : r * step + 8, c * step : c * step + 8]  # noqa: E731
+    for r in range(4):
+        assert (tile(r, 1) == _tile(one[r])).all() and (tile(r, 3) == _tile(full[r])).all()
+        assert (tile(r, 4) == _tile(y[r])).all()
+    assert not (tile(0, 1) == tile(0, 3)).all()  # the ascent moved between step 1 and step 5
+    prior = figures["shape_prior"]  # mean mask | mean image | two noisy means
+    assert prior.shape == (8, 4 * step - GUTTER, 3)
+    assert (prior[:, :8] == _tile(y.mean(0))).all()
+    fcn = FCN(in_channels=3, unary=TINY)  # predicted locally: no trajectory to show
+    assert task.inference_figures(fcn, None, (x, y), (x, y), 4, "local") == {}

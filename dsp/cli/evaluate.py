@@ -9,7 +9,9 @@ int64 [N, T] padded with -1, lengths [N], labels (index -> tag name); segmentati
 uint8 [N, H, W], score float32 [N, H, W]; denoising: pred, target, noisy float32 [N, H, W] in [0, 1].
 Tasks with figures also get DIR/eval/<name>.png (denoising: eval/denoising.png, rows noisy /
 prediction / clean); models that draw their parameters get DIR/eval/model_<name>.png (MRFs: the
-pairwise tables per edge distance, the tag-coupling matrix, first-layer unary weights).
+pairwise tables per edge distance, the tag-coupling matrix, first-layer unary weights); segmentation
+models predicted by gradient inference (the DVN) get eval/shape_prior.png and eval/trajectory.png
+(DVN Figures 5 and 1; dsp.tasks.segmentation_figures).
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None):
     metrics = {f"{split}/{k}": v for k, v in task.evaluate(out, y, run.threshold).items()}
     metrics[f"{split}/inference_iters"] = iters
     figures = task.figures(out, y, x) if hasattr(task, "figures") else {}
+    if hasattr(task, "inference_figures"):  # e.g. the DVN's shape prior and trajectory (Figures 5, 1)
+        train = tuple(t.to(device) for t in data.split("train").tensors)
+        figures.update(task.inference_figures(run.model, run.inference, train, (x, y), batch_size, run.predict_mode))
     images = getattr(run.model, "images", None)  # learned parameters as pictures (MRF: Chen et al. Fig. 5, 8)
     if images is not None:
         figures.update({f"model_{k}": (v.numpy() * 255).round().astype(np.uint8) for k, v in images().items()})

@@ -209,6 +209,13 @@ class SegmentationTask:
         return {"mean_iou": mean_iou(pred, y), "global_iou": global_iou(pred, y),
                 "soft_mean_iou": soft_mean_iou(probs, y)}
 
+    def inference_figures(self, model, inference, train, shown, batch_size: int, mode: str) -> dict:
+        """The shape prior and inference trajectory pictures of models predicted by gradient
+        inference (DVN Figures 5 and 1; dsp.tasks.segmentation_figures), else {}."""
+        from dsp.tasks.segmentation_figures import inference_figures
+
+        return inference_figures(self, model, inference, train, shown, batch_size, mode)
+
     def arrays(self, probs, y, state=None, x=None) -> dict[str, np.ndarray]:
         return {
             "pred": decode(probs).cpu().numpy().astype(np.uint8),  # [N, H, W]
