@@ -36,6 +36,7 @@ from dsp.training.distributed import Single
 from dsp.training.preemption import Preempted, StopRequest, after_step
 from dsp.training.scaling import choose_unary_scale
 from dsp.training.stages import Stage
+from dsp.training.warm_start import warm_start
 
 
 def set_seed(seed: int) -> None:
@@ -202,6 +203,9 @@ class Trainer:
             self.target_reached_s = resume.get("target_reached_s")
         self.dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
         writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else _NoWriter()
+        if resume is None and self.cfg.get("init_from"):  # warm start: weights only (dsp.training.warm_start)
+            path, n = warm_start(self.model, self.cfg.init_from, self.cfg.get("init_parts", "all"))
+            self._write(f"warm start: {n} weight tensors from {path}")
         first_stage = resume["stage_index"] if resume else 0
         with self._stop, closing(writer):
             if self.target_reached_s is not None:  # resuming a run that already reached stop_at
