@@ -175,3 +175,29 @@ def test_a_checkpoint_holding_python_objects_is_refused_by_eval_and_resume(tmp_p
     with pytest.raises(DspError, match=r"cannot resume.*holds Python objects"):
         train(tiny_cfg(1, resume=True), run)
     assert not marker.exists()
+
+
+def test_value_training_with_a_replay_buffer_resumes_exactly(tmp_path):
+    """The DVN objective's replay ring is part of the checkpoint: killed mid-run and resumed, the
+    run replays the same tuples and ends where the uninterrupted one does."""
+    dvn = ["model=dvn", "inference=dvn_ascent", "objective=value", "trainer=default", "data.num_train=64",
+           "data.num_val=32", "data.num_test=48", "trainer.max_epochs=3", "trainer.progress=false",
+           "trainer.batch_size=16", "inference.max_iter=3", "objective.replay_size=24", "objective.replay_batch=8"]
+
+    def run_dvn(run, *extra, signal_after_step=None):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("DSP_TEST_SIGNAL_AFTER_STEP", None)
+        if signal_after_step:
+            env["DSP_TEST_SIGNAL_AFTER_STEP"] = signal_after_step
+        cmd = [sys.executable, "-m", "dsp.cli.train", *dvn, *extra, f"hydra.run.dir={run}"]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    reference = tmp_path / "reference"
+    assert run_dvn(reference).returncode == 0
+    saved = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["objectives"]["train"]["replay"]
+    assert saved["x"].shape[0] == 24  # 12 steps of 16 fresh tuples filled the ring
+    run = tmp_path / "run"
+    assert run_dvn(run, signal_after_step="6:SIGKILL").returncode == -signal.SIGKILL  # mid epoch 2
+    proc = run_dvn(run, "trainer.resume=true")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(run, reference)

@@ -23,6 +23,12 @@ Sources (§3.3):
                   of y, k uniform in 1..stratified_max_flips (strata by number of flips, uniform
                   within a stratum); one candidate per example is resampled ∝ exp(v*/τ).
 
+Replay (objective.replay_size, replay_batch; DVN §3.2's experience replay buffer): every step's
+fresh tuples go into a ring of the last replay_size tuples, and replay_batch tuples drawn from it
+join the regression beside the fresh ones. Replayed tuples cost no inference, so a small batch of
+fresh (expensive) tuples plus a larger replayed one gives more value-network updates per second,
+as the paper's queue of tuples inferred with "slightly older" weights does.
+
 Generated ȳ are detached: gradients reach the model parameters only through v(x, ȳ). The
 features F(x) are computed once per batch and reused by every source and the loss.
 
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 
 from dsp.errors import DspError
 from dsp.models.spen import SpenFeatures
+from dsp.objectives.replay import ReplayBuffer
 from dsp.tasks.oracles import oracle_fn
 from dsp.training.predict import eval_mode
 
@@ -66,6 +73,8 @@ class ValueObjective:
         stratified_candidates: int = 8,
         stratified_max_flips: int = 10,
         generate_in: str = "eval",
+        replay_size: int = 0,
+        replay_batch: int = 0,
     ):
         sources = dict(sources if sources is not None else {"ground_truth": 1, "inference": 1, "adversarial": 1})
         unknown = set(sources) - set(SOURCES)
@@ -91,6 +100,11 @@ class ValueObjective:
         self.adversarial_steps, self.adversarial_lr = adversarial_steps, adversarial_lr
         self.tau, self.candidates, self.max_flips = stratified_temperature, stratified_candidates, stratified_max_flips
         self.generate_in = generate_in
+        if replay_size < 0 or replay_batch < 0 or (replay_batch > 0) != (replay_size > 0):
+            raise DspError(f"objective.replay_size={replay_size} and replay_batch={replay_batch}: both > 0 (a buffer "
+                           "of that many tuples, that many replayed per step) or both 0 (no replay)")
+        self.replay = ReplayBuffer(replay_size) if replay_size > 0 else None
+        self.replay_batch = replay_batch
 
     # ------------------------------------------------------------------------------- the loss
     def regression(self, score: torch.Tensor, v_star: torch.Tensor) -> torch.Tensor:
@@ -99,10 +113,21 @@ class ValueObjective:
             return F.binary_cross_entropy_with_logits(score, v_star, reduction="none")
         return (torch.sigmoid(score) - v_star) ** 2
 
+    def state_dict(self) -> dict:
+        """The replay buffer, saved with the run's checkpoints."""
+        return {"replay": self.replay.state_dict()} if self.replay is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.replay is not None:
+            self.replay.load_state_dict(state.get("replay", {}))
+
     def loss(self, model, inference, x, y):
-        feats = model.features(x)  # computed once: the loss needs its graph ...
-        fixed = feats.detach()  # ... the tuple generators do not
-        source = torch.multinomial(self.weights, y.shape[0], replacement=True).to(y.device)  # [B]
+        b = y.shape[0]
+        replayed = self.replay.sample(self.replay_batch) if self.replay is not None and len(self.replay) else None
+        x_all = x if replayed is None else torch.cat([x, replayed[0]])  # fresh, then replayed examples
+        feats = model.features(x_all)  # computed once: the loss needs its graph ...
+        fixed = _take(feats.detach(), torch.arange(b, device=y.device))  # ... the fresh tuples' generators do not
+        source = torch.multinomial(self.weights, b, replacement=True).to(y.device)  # [B]
         y_bar = torch.empty_like(y)
         drawn = {}
         with eval_mode(model) if self.generate_in == "eval" else nullcontext():
@@ -112,9 +137,14 @@ class ValueObjective:
                     drawn[name] = idx
                     y_bar[idx] = getattr(self, f"generate_{name}")(model, inference, _take(fixed, idx), y[idx])
         y_bar = y_bar.detach()  # [B, L]
+        if self.replay is not None:
+            self.replay.push(x, y_bar, y)  # after sampling: a step never replays its own tuples
+        if replayed is not None:
+            y_bar, y = torch.cat([y_bar, replayed[1]]), torch.cat([y, replayed[2]])  # [B + R, L]
+            drawn["replay"] = torch.arange(b, y.shape[0], device=y.device)
         with torch.no_grad():
-            v_star = self.oracle(y_bar, y)  # [B]
-        score = model.score(y_bar, feats)  # [B]
+            v_star = self.oracle(y_bar, y)  # [B (+ R)]
+        score = model.score(y_bar, feats)  # [B (+ R)]
         loss = self.regression(score, v_star).mean()
         # How good each source's outputs are: v_star/inference is the training F1 of inference.
         logs = {f"v_star/{name}": v_star[idx].mean() for name, idx in drawn.items()}
