@@ -3,7 +3,9 @@ trained run's checkpoint.
 
 `+set.KEY=VALUE` changes a key of the run's stored config before the model is built, for
 prediction-side settings (+set.data.test_crops=36 +set.data.combine=joint
-+set.inference.max_iter=50); give `out` a new folder name so the default evaluation is kept. Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz and prints the
++set.inference.max_iter=50); give `out` a new folder name so the default evaluation is kept.
+
+Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz and prints the
 metrics. Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
 int64 [N, T] padded with -1, lengths [N], labels (index -> tag name); segmentation: pred and target
 uint8 [N, H, W], score float32 [N, H, W]; denoising: pred, target, noisy float32 [N, H, W] in [0, 1].
