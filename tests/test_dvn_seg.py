@@ -190,6 +190,7 @@ def test_presets_wire_the_paper_settings(preset):
         assert cfg.model._target_.endswith("SegmentationValueNetwork") and cfg.model.size == 24
         assert cfg.objective.oracle == "iou" and cfg.inference.init_value == 0.0
         assert cfg.inference._target_.endswith("gradient.GradientInference") and cfg.inference.method == "projected"
+        assert (cfg.trainer.batch_size, cfg.objective.replay_batch, cfg.objective.replay_size) == (4, 28, 2000)
     else:
         assert cfg.model._target_.endswith("FCN") and cfg.trainer.stages.train.predict == "local"
         assert cfg.model.upsample == "learned" and cfg.data.val_holdout is False  # final: all 200 images
