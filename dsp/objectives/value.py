@@ -25,9 +25,9 @@ Sources (§3.3):
 
 Replay (objective.replay_size, replay_batch; DVN §3.2's experience replay buffer): every step's
 fresh tuples go into a ring of the last replay_size tuples, and replay_batch tuples drawn from it
-join the regression beside the fresh ones. Replayed tuples cost no inference, so a small batch of
-fresh (expensive) tuples plus a larger replayed one gives more value-network updates per second,
-as the paper's queue of tuples inferred with "slightly older" weights does.
+join the regression beside the fresh ones. Replayed tuples cost no inference, so a step can
+regress many tuples for the price of a few fresh (expensive) ones, as the paper's queue of tuples
+inferred with "slightly older" weights does.
 
 Generated ȳ are detached: gradients reach the model parameters only through v(x, ȳ). The
 features F(x) are computed once per batch and reused by every source and the loss.
@@ -126,7 +126,9 @@ class ValueObjective:
         replayed = self.replay.sample(self.replay_batch) if self.replay is not None and len(self.replay) else None
         x_all = x if replayed is None else torch.cat([x, replayed[0]])  # fresh, then replayed examples
         feats = model.features(x_all)  # computed once: the loss needs its graph ...
-        fixed = _take(feats.detach(), torch.arange(b, device=y.device))  # ... the fresh tuples' generators do not
+        fixed = feats.detach()  # ... the tuple generators (fresh examples only) do not
+        if replayed is not None:
+            fixed = _take(fixed, torch.arange(b, device=y.device))
         source = torch.multinomial(self.weights, b, replacement=True).to(y.device)  # [B]
         y_bar = torch.empty_like(y)
         drawn = {}
