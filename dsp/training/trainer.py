@@ -216,8 +216,8 @@ class Trainer:
                 self._fit_stage(i, writer, resume if i == first_stage else None)
             metrics = None
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
-                metrics = self.final_metrics()
-                self._log_inference_figures(writer)
+                metrics, predict_mode = self.final_metrics()
+                self._log_inference_figures(writer, predict_mode)
                 metrics["train/time_s"] = round(time.time() - self.fit_start, 3)
                 if self.cfg.get("stop_at") is not None:  # time to accuracy (validation reached stop_at)
                     metrics["train/time_to_target_s"] = self.target_reached_s
@@ -454,27 +454,27 @@ class Trainer:
             img = (c1 - c1.min()) / (c1.max() - c1.min()).clamp_min(1e-12)
             writer.add_image("global_energy/C1", img.unsqueeze(0), e, dataformats="CHW")
 
-    def _log_inference_figures(self, writer) -> None:
+    def _log_inference_figures(self, writer, predict_mode) -> None:
         """Once, with best.pt loaded: e.g. the DVN's shape prior and inference trajectory (Figure 5, 1)."""
         figures = getattr(self.task, "inference_figures", None)
         if figures is None:
             return
         for name, img in figures(self.model, self.inference, self.splits["train"], self.splits["val"],
-                                 self.cfg.eval_batch_size, self.best_predict_mode).items():
+                                 self.cfg.eval_batch_size, predict_mode).items():
             writer.add_image(f"figures/{name}", img, self.global_epoch, dataformats="HWC")
 
-    def final_metrics(self) -> dict:
-        """Reload best.pt and evaluate val and test with its validation-tuned threshold."""
+    def final_metrics(self) -> tuple[dict, object]:
+        """Reload best.pt and evaluate val and test with its validation-tuned threshold;
+        returns (metrics, best.pt's prediction mode)."""
         state = load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
         self.model.load_state_dict(state["model"])
-        self.best_predict_mode = state["predict"]
         out = {} if state["threshold"] is None else {"val/threshold": state["threshold"]}
         for split in ("val", "test"):
             pred, y, iters = self.predict(split, state["predict"])
             for k, v in self.task.evaluate(pred, y, state["threshold"]).items():
                 out[f"{split}/{k}"] = v
             out[f"{split}/inference_iters"] = iters
-        return out
+        return out, state["predict"]
 
     def hparams(self) -> dict:
         flat = {}
