@@ -29,10 +29,10 @@ METRIC_TOL, PARAM_TOL = 1e-6, 1e-5
 RUN_DEPENDENT = ("train/time_s", "train/peak_rss_mb", "train/peak_cuda_mb")
 
 
-def torchrun(run: Path, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+def torchrun(run: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in
+             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DSP_TEST_SIGNAL_AFTER_STEP")}
+    env = {**clean, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "dsp.cli.train", *args, "trainer.strategy=ddp", "trainer.device=cpu", f"hydra.run.dir={run}"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
@@ -101,6 +101,34 @@ def test_blended_mrf_messages_match_one_process(tmp_path):
             got = state["objectives"][stage]["messages"][i]
             assert got.shape == m.shape and m.abs().max() > 0
             assert (got - m).abs().max() <= PARAM_TOL, (stage, i)
+
+
+def test_value_replay_rings_resume_per_rank(tmp_path):
+    """DVN with experience replay: each rank's ring holds its own tuples, so the checkpoint keeps
+    every rank's and a run preempted mid-epoch 2 and resumed ends where the uninterrupted one does
+    (rank 1 resuming from rank 0's ring would replay other tuples and train other weights)."""
+    tr, te, xml = write_mulan(tmp_path / "mulan" / "tiny")
+    dvn = ["experiment=dvn_bibtex", f"data.train={tr}", f"data.test={te}", f"data.labels_xml={xml}",
+           "data.num_labels=null", "trainer.max_epochs=2", "trainer.progress=false", "trainer.batch_size=8",
+           "objective.replay_size=12", "objective.replay_batch=4", "inference.max_iter=3",
+           "objective.adversarial_steps=1"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    proc = torchrun(ref, *dvn)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rings = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
+    (stage, rank0), = rings["objectives"].items()
+    rank1 = rings["objectives_ranks"][stage][0]["replay"]
+    assert rank0["replay"]["x"].shape == rank1["x"].shape and not torch.equal(rank0["replay"]["x"], rank1["x"])
+    steps = rings["step"]
+    proc = torchrun(run, *dvn, env={"DSP_TEST_SIGNAL_AFTER_STEP": f"{steps // 2 + 1}:SIGTERM"})
+    assert proc.returncode != 0 and not (run / "metrics.json").exists(), proc.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch_offset"] > 0
+    proc = torchrun(run, *dvn, "trainer.resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (run, ref))
+    assert a["step"] == b["step"] and numbers(run) == numbers(ref)
+    for key, tensor in b["model"].items():
+        assert torch.equal(a["model"][key], tensor), key
 
 
 def test_ddp_without_torchrun_says_how_to_launch(tmp_path, monkeypatch):

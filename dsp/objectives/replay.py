@@ -6,8 +6,8 @@ A ring of the last `size` tuples (x, ȳ, y): the input, the generated output and
 v*(ȳ, y) is recomputed when a tuple is replayed (the oracle is cheap and exact), so the buffer does
 not depend on the oracle. Storage is allocated on the first push, on that batch's device, and
 saved with the run's checkpoints (state_dict), so a resumed run replays the same tuples. Under
-trainer.strategy=ddp every rank keeps its own ring and rank 0's is the one saved, so a resumed
-multi-process run restarts the other ranks from rank 0's tuples (not an exact resume there).
+trainer.strategy=ddp every rank keeps its own ring and the checkpoint holds every rank's (the
+trainer gathers them: the value objective declares per_rank_state), so each rank resumes its own.
 """
 from __future__ import annotations
 

@@ -61,6 +61,8 @@ def _take(feats: SpenFeatures, idx: torch.Tensor) -> SpenFeatures:
 
 
 class ValueObjective:
+    per_rank_state = True  # ddp: each rank's replay ring holds the tuples that rank generated
+
     def __init__(
         self,
         sources: dict | None = None,

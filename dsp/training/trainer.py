@@ -57,6 +57,21 @@ def _keeps_state(objective) -> bool:
     return callable(getattr(objective, "state_dict", None)) and getattr(objective, "checkpoint_state", True)
 
 
+def _per_rank(objective) -> bool:
+    """State that differs between ranks under trainer.strategy=ddp (a replay ring of the tuples this
+    rank generated), as opposed to state kept equal on every rank (the MRF's message store)."""
+    return _keeps_state(objective) and getattr(objective, "per_rank_state", False)
+
+
+def _to_cpu(tree):
+    """A state tree with its tensors on the CPU, for gathering across ranks as a pickled object."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    return tree
+
+
 def peak_memory_mb(device: torch.device) -> dict:
     """Peak resident memory of this process (and peak CUDA allocation on a GPU), in MiB."""
     import resource
@@ -142,7 +157,16 @@ class Trainer:
             **({"rng_ranks": self.dist.all_gather_object(rng_state())} if self.dist.enabled else {}),
             # objectives with state of their own (the MRF's per-example messages)
             "objectives": {s.name: s.objective.state_dict() for s in self.stages if _keeps_state(s.objective)},
+            # ddp: ranks 1.. of per-rank objective state (rank 0's is "objectives"), each resumes its own
+            **({"objectives_ranks": self._gather_objectives()} if self.dist.enabled else {}),
         }
+
+    def _gather_objectives(self) -> dict:
+        own = {s.name: _to_cpu(s.objective.state_dict()) for s in self.stages if _per_rank(s.objective)}
+        if not own:
+            return {}
+        ranks = self.dist.all_gather_object(own)
+        return {name: [r[name] for r in ranks[1:]] for name in own}
 
     def _save(self, state: dict, name: str, **kwargs) -> None:
         if self.main:  # under trainer.strategy=ddp only rank 0 writes
@@ -183,7 +207,10 @@ class Trainer:
         set_rng_state(ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world_size else state["rng"])
         for s in self.stages:
             if s.name in state.get("objectives", {}):
-                s.objective.load_state_dict(state["objectives"][s.name])
+                others = state.get("objectives_ranks", {}).get(s.name)
+                own = (others[self.dist.rank - 1] if self.dist.rank > 0 and others
+                       and len(others) == self.dist.world_size - 1 else state["objectives"][s.name])
+                s.objective.load_state_dict(own)
         offset = state.get("epoch_offset", 0)  # absent from checkpoints older than SIGTERM handling
         self._write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}"
                    + (f", example {offset}" if offset else ""))
