@@ -43,7 +43,7 @@ def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None):
     metrics[f"{split}/inference_iters"] = iters
     figures = task.figures(out, y, x) if hasattr(task, "figures") else {}
     if hasattr(task, "inference_figures"):  # e.g. the DVN's shape prior and trajectory (Figures 5, 1)
-        train = tuple(t.to(device) for t in data.split("train").tensors)
+        train = data.split("train").tensors  # on the host: the figure needs only its mean image
         figures.update(task.inference_figures(run.model, run.inference, train, (x, y), batch_size, run.predict_mode))
     images = getattr(run.model, "images", None)  # learned parameters as pictures (MRF: Chen et al. Fig. 5, 8)
     if images is not None:

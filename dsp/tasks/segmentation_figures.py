@@ -64,7 +64,8 @@ def _truncated(inference: GradientInference, steps: int) -> GradientInference:
 
 def shape_prior(task, model, inference, x_train, y_train, batch_size: int, mode: str) -> np.ndarray:
     """Figure 5: [mean training mask | mask from the mean image | two noisy-mean masks]."""
-    mean_x = x_train.float().mean(0, keepdim=True)  # [1, C, H, W]
+    # the split may stay on the host: only its mean image goes to the model's device
+    mean_x = x_train.float().mean(0, keepdim=True).to(next(model.parameters()).device)  # [1, C, H, W]
     gen = torch.Generator().manual_seed(0)
     noisy = [(mean_x + NOISE_SIGMA * torch.randn(mean_x.shape, generator=gen).to(mean_x.device)).clamp(0, 1)
              for _ in range(2)]
