@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import write_mulan, write_ocr
+from conftest import REPO, write_mulan, write_ocr
 from fixtures_images import tiny_denoise_overrides, tiny_images_overrides, write_image_folder
 from fixtures_text import write_conll
 from test_word50 import write_word50_sources
@@ -230,6 +230,15 @@ def test_chain_crf_train_then_eval_writes_sequence_predictions(tmp_path):
     assert list(arrays["labels"][:3]) == ["a", "b", "c"]
     evaluated = json.loads((run / "eval" / "metrics.json").read_text())
     assert evaluated["test/char_acc"] == pytest.approx(metrics["test/char_acc"])
+    # scripts/scaling_landscape.py: L_α on a log grid around the run's α, its minimum marked
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "scaling_landscape.py"), str(run),
+                           "--octaves", "1", "--steps", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith("α =")]
+    alphas, losses = [float(r[2]) for r in rows], [float(r[5]) for r in rows]
+    alpha = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]["unary_scale"].item()
+    assert alphas == pytest.approx([alpha / 2, alpha / 2 ** 0.5, alpha, alpha * 2 ** 0.5, alpha * 2], rel=1e-3)
+    assert [r[-1] == "minimum" for r in rows] == [v == min(losses) for v in losses]
 
 
 def test_min_delta_counts_small_gains_as_no_progress(tmp_path):

@@ -12,15 +12,14 @@ from dsp.tasks.sequence import lengths_of
 from dsp.training.predict import eval_mode
 
 
-def choose_unary_scale(model, objective, x, y, min_exp: int = -8, max_exp: int = 8, subset: int = 2000,
-                       seed: int = 0, batch_size: int = 512) -> dict[str, float]:
-    """Set model.unary_scale to the best α of the grid; returns the logs (α and its loss)."""
+def subset_losses(model, objective, x, y, grid: list[float], subset: int = 2000, seed: int = 0,
+                  batch_size: int = 512) -> torch.Tensor:
+    """L_α (Eq. 19) for every α of `grid` on a fixed random subset of (x, y) -> float64 [len(grid)]."""
     if not hasattr(model, "potentials") or not hasattr(objective, "loss_on"):
         raise DspError("trainer.online_scaling needs a model with unary potentials (model=chain_crf) "
                        "and a CRF objective; set trainer.online_scaling=null for this model")
     gen = torch.Generator().manual_seed(seed)  # the same subset every epoch
     idx = torch.randperm(x.shape[0], generator=gen)[: min(subset, x.shape[0])].to(x.device)
-    grid = [2.0 ** t for t in range(min_exp, max_exp + 1)]
     totals = torch.zeros(len(grid), dtype=torch.float64, device=x.device)  # summed on the device: no syncs
     with eval_mode(model), torch.no_grad():
         for start in range(0, idx.shape[0], batch_size):
@@ -29,6 +28,14 @@ def choose_unary_scale(model, objective, x, y, min_exp: int = -8, max_exp: int =
             raw = model.unary_net(xb, lengths)  # [B, T, K], computed once for the whole grid
             for i, alpha in enumerate(grid):
                 totals[i] += objective.loss_on(model.potentials(raw, lengths, scale=alpha), yb).double() * xb.shape[0]
-    best = int(totals.argmin())
+    return totals / idx.shape[0]
+
+
+def choose_unary_scale(model, objective, x, y, min_exp: int = -8, max_exp: int = 8, subset: int = 2000,
+                       seed: int = 0, batch_size: int = 512) -> dict[str, float]:
+    """Set model.unary_scale to the best α of the grid {2^t}; returns the logs (α and its loss)."""
+    grid = [2.0 ** t for t in range(min_exp, max_exp + 1)]
+    losses = subset_losses(model, objective, x, y, grid, subset, seed, batch_size)
+    best = int(losses.argmin())
     model.unary_scale.fill_(grid[best])
-    return {"scaling/alpha": grid[best], "scaling/subset_loss": float(totals[best]) / idx.shape[0]}
+    return {"scaling/alpha": grid[best], "scaling/subset_loss": float(losses[best])}
