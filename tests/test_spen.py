@@ -56,6 +56,7 @@ def test_mlp_baseline_has_no_global_energy_and_reads_probs_off_logits():
 @pytest.mark.parametrize("activation,conditional,hidden", [
     ("softplus", False, ()), ("softplus:25", True, ()), ("relu", False, (4,)), ("tanh", True, (3,)),
     ("sigmoid", False, ()), ("softabs:5", False, (2,)), ("hardtanh", False, ()), ("identity", True, ()),
+    ("leaky_relu", True, (3,)),
 ])
 def test_hand_written_gradient_equals_autograd(activation, conditional, hidden):
     model = make_spen(activation, conditional, hidden).eval()

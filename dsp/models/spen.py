@@ -21,6 +21,7 @@ from dsp.nn.smooth import SoftAbs
 _DERIVATIVES = {
     nn.Softplus: lambda m, h: torch.sigmoid(m.beta * h),  # past torch's linear threshold σ(βh) = 1 in float
     nn.ReLU: lambda m, h: (h > 0).to(h.dtype),
+    nn.LeakyReLU: lambda m, h: torch.where(h > 0, 1.0, m.negative_slope).to(h.dtype),
     nn.Tanh: lambda m, h: 1 - torch.tanh(h) ** 2,
     nn.Sigmoid: lambda m, h: torch.sigmoid(h) * torch.sigmoid(-h),
     nn.Identity: lambda m, h: torch.ones_like(h),

@@ -11,6 +11,7 @@ from dsp.nn.smooth import SoftAbs
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,  # slope 0.01 below zero: a unit never stops passing gradient
     "softabs": SoftAbs,
     "hardtanh": nn.Hardtanh,
     "softplus": nn.Softplus,
