@@ -153,20 +153,21 @@ class Trainer:
             "elapsed_s": round(time.time() - self.fit_start, 3),
             "target_reached_s": self.target_reached_s,
             "rng": rng_state(),
-            # every rank's generators under trainer.strategy=ddp (rank r resumes from its own)
-            **({"rng_ranks": self.dist.all_gather_object(rng_state())} if self.dist.enabled else {}),
-            # objectives with state of their own (the MRF's per-example messages)
+            # objectives with state of their own (the MRF's per-example messages; rank 0's under ddp)
             "objectives": {s.name: s.objective.state_dict() for s in self.stages if _keeps_state(s.objective)},
-            # ddp: ranks 1.. of per-rank objective state (rank 0's is "objectives"), each resumes its own
-            **({"objectives_ranks": self._gather_objectives()} if self.dist.enabled else {}),
+            **(self._rank_states() if self.dist.enabled else {}),
         }
 
-    def _gather_objectives(self) -> dict:
+    def _rank_states(self) -> dict:
+        """trainer.strategy=ddp: what differs between ranks, gathered in one collective so that rank r
+        resumes from its own: every rank's generators (rng_ranks) and the per-rank objective state of
+        ranks 1.. (objectives_ranks; rank 0's is in "objectives")."""
         own = {s.name: _to_cpu(s.objective.state_dict()) for s in self.stages if _per_rank(s.objective)}
-        if not own:
-            return {}
-        ranks = self.dist.all_gather_object(own)
-        return {name: [r[name] for r in ranks[1:]] for name in own}
+        ranks = self.dist.all_gather_object((rng_state(), own))
+        out = {"rng_ranks": [rng for rng, _ in ranks]}
+        if own:
+            out["objectives_ranks"] = {name: [objs[name] for _, objs in ranks[1:]] for name in own}
+        return out
 
     def _save(self, state: dict, name: str, **kwargs) -> None:
         if self.main:  # under trainer.strategy=ddp only rank 0 writes
