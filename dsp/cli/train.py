@@ -55,6 +55,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         trainer = Trainer(cfg.trainer, model, inference, stages, data, run_dir, device, config_dict, cfg.seed, dist)
         metrics = RunMetrics(trainer.fit(), monitor=trainer.monitor)
         metrics.is_main = dist.is_main
+        # ddp: no rank tears its gloo/NCCL connections down while another still finishes (rank 0
+        # writes the final files); without this, rank 1 sometimes aborted at exit (SIGABRT).
+        dist.barrier()
         return metrics
     finally:
         dist.close()
