@@ -77,3 +77,34 @@ def test_summary_errors_are_one_clear_line(case, sweep, tmp_path):
     }[case]
     proc = run("dsp.cli.summary", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and expect in proc.stderr, proc.stderr
+
+
+def test_summary_over_a_key_averages_the_jobs_that_differ_only_there(sweep):
+    proc = run("dsp.cli.summary", f"sweep_dir={sweep}", "over=trainer.lr")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((sweep / "summary_mean.csv").open()))
+    # data.num_labels=null trained with both learning rates (jobs 2, 3); 9 failed twice (jobs 0, 1)
+    assert [(r["data.num_labels"], r["finished"]) for r in rows] == [("null", "2/2"), ("9", "0/2")]
+    f1 = [val_f1(sweep / "2"), val_f1(sweep / "3")]
+    assert float(rows[0]["val/example_f1 mean"]) == pytest.approx(sum(f1) / 2)
+    assert float(rows[0]["val/example_f1 std"]) == pytest.approx(abs(f1[0] - f1[1]) / 2 ** 0.5)  # n - 1
+    assert rows[1]["val/example_f1 mean"] == "" and "trainer.lr" not in rows[0]
+    md = (sweep / "summary.md").read_text()
+    assert "## Mean ± std over trainer.lr" in md and f"{sum(f1) / 2:.2f} ± " in md
+    proc = run("dsp.cli.summary", f"sweep_dir={sweep}", "over=seed")  # not an override of these jobs
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "over=seed" in proc.stderr, proc.stderr
+
+
+def test_mean_table_by_hand():
+    from dsp.cli.summary import Job, mean_table
+
+    def job(name, seed, lr, f1):
+        return Job(name, Path(name), {"seed": seed, "trainer.lr": lr}, {"val/f1": f1, "test/f1": f1 - 1}, "auto")
+
+    jobs = [job("0", "0", "0.1", 50.0), job("1", "1", "0.1", 54.0), job("2", "0", "0.01", 60.0),
+            job("3", "1", "0.01", 61.0), job("4", "2", "0.01", 62.0)]
+    header, rows = mean_table(jobs, "val/f1", "max", ["seed"])
+    assert header == ["trainer.lr", "finished", "val/f1", "test/f1"]
+    assert rows[0][:2] == ["0.01", "3/3"] and rows[0][2] == pytest.approx((61.0, 1.0))
+    assert rows[1][:2] == ["0.1", "2/2"] and rows[1][2] == pytest.approx((52.0, 8 ** 0.5))
+    assert rows[1][3] == pytest.approx((51.0, 8 ** 0.5))

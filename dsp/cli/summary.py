@@ -1,10 +1,15 @@
-"""dsp-summary sweep_dir=DIR [metric=val/<name>] [mode=max|min]: one table for a dsp-train -m sweep.
+"""dsp-summary sweep_dir=DIR [metric=val/<name>] [mode=max|min] [over=seed]: one table for a dsp-train -m sweep.
 
 Every folder under DIR that holds .hydra/overrides.yaml is a job (Hydra's layout, whatever the
 launcher). Writes DIR/summary.csv (every override, every val/ and test/ metric, full precision)
 and DIR/summary.md (the overrides that vary across jobs), best job first by `metric`; jobs without
 a metrics.json (they failed, or are still running) or with a non-finite metric come last, marked
 FAILED. Prints the table and the best job's folder.
+
+over=KEY (or over=[KEY, ...]), e.g. over=seed for `dsp-train -m ... seed=0,1,2,3`: also averages the
+jobs that differ only in KEY — one row per setting of the other overrides, with the number of
+finished jobs and mean ± std (sample std, n - 1) of every val/ and test/ number, best mean first —
+and writes it to DIR/summary_mean.csv and as a second table in summary.md.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import io
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,19 +107,56 @@ def table(jobs: list[Job], metric: str, mode: str, all_overrides: bool) -> tuple
     return header, rows
 
 
+def mean_table(jobs: list[Job], metric: str, mode: str, over: list[str]) -> tuple[list[str], list[list]]:
+    """(header, rows): one row per setting of the varying overrides other than `over`, with the count
+    of finished jobs and (mean, std) pairs of the metric and every val/ and test/ number; best mean
+    first, groups with no finished job last."""
+    unknown = [k for k in over if not any(k in j.overrides for j in jobs)]
+    if unknown:
+        known = sorted({k for j in jobs for k in j.overrides})
+        raise DspError(f"over={unknown[0]} is no override of this sweep's jobs; they have {known}")
+    keys = [k for k in dict.fromkeys(k for j in jobs for k in j.overrides)
+            if k not in over and len({j.overrides.get(k) for j in jobs}) > 1]
+    numbers = sorted({k for j in jobs if j.metrics for k in j.metrics if k.startswith(("val/", "test/"))} - {metric},
+                     key=lambda k: (not k.startswith("val/"), k))
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(tuple(j.overrides.get(k, "") for k in keys), []).append(j)
+    rows = []
+    for setting, members in groups.items():
+        done = [j for j in members if _ok(j, metric)]
+        stats = []
+        for name in [metric, *numbers]:
+            values = [j.metrics[name] for j in done if isinstance(j.metrics.get(name), (int, float))]
+            stats.append((statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                         if values else None)
+        rows.append([*setting, f"{len(done)}/{len(members)}", *stats])
+    ranked = sorted((r for r in rows if r[len(keys) + 1] is not None), key=lambda r: r[len(keys) + 1][0],
+                    reverse=mode == "max")
+    return [*keys, "finished", metric, *numbers], ranked + [r for r in rows if r[len(keys) + 1] is None]
+
+
 def _number(v: float) -> str:
     return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}"  # percentages and dB to 2 decimals; small values kept
 
 
+def _cell(v) -> str:
+    if isinstance(v, tuple):  # (mean, std) of a mean table
+        return f"{_number(v[0])} ± {_number(v[1])}"
+    return _number(v) if isinstance(v, float) else ("" if v is None else str(v))
+
+
 def markdown(header: list[str], rows: list[list]) -> str:
-    cells = [header] + [[_number(v) if isinstance(v, float) else str(v) for v in r] for r in rows]
+    cells = [header] + [[_cell(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])]) + "\n"
 
 
-def summarise(sweep_dir: str | Path, metric: str = "auto", mode: str = "auto") -> dict:
-    """Write sweep_dir/summary.{csv,md}; returns {"metric", "mode", "best" (folder or None), "failed"}."""
+def summarise(sweep_dir: str | Path, metric: str = "auto", mode: str = "auto", over=None) -> dict:
+    """Write sweep_dir/summary.{csv,md} (and summary_mean.csv with `over`); returns {"metric", "mode",
+    "best" (folder or None), "failed", "text"}."""
+    over = [over] if isinstance(over, str) else [str(k) for k in (over or [])]
     sweep_dir = Path(sweep_dir).resolve()
     jobs = collect(sweep_dir)
     metric = choose_metric(jobs, str(metric))
@@ -135,18 +178,28 @@ def summarise(sweep_dir: str | Path, metric: str = "auto", mode: str = "auto") -
     text = (f"# Sweep {sweep_dir}\n\n{len(jobs)} jobs, sorted by {metric} ({mode}); job folders are relative "
             f"to the sweep folder.\n\n" + (f"Common overrides: `{' '.join(common)}`\n\n" if common else "")
             + markdown(header, rows) + f"\nBest job: {best or 'none (every job failed)'}\n")
+    if over:
+        header, rows = mean_table(jobs, metric, mode, over)
+        buf = io.StringIO()
+        k = header.index(metric)  # the settings and the count come first, then (mean, std) pairs
+        stats = [f"{h} {part}" for h in header[k:] for part in ("mean", "std")]
+        csv.writer(buf).writerows([header[:k] + stats] + [r[:k] + [x for v in r[k:] for x in (v or ("", ""))]
+                                                           for r in rows])
+        _atomic(sweep_dir / "summary_mean.csv", lambda tmp: tmp.write_text(buf.getvalue()))
+        text += (f"\n## Mean ± std over {', '.join(over)}\n\n" + markdown(header, rows))
     _atomic(sweep_dir / "summary.md", lambda tmp: tmp.write_text(text))
     return {"metric": metric, "mode": mode, "best": best, "failed": failed, "text": text}
 
 
 @user_errors
 def _main(cfg: DictConfig) -> None:
-    result = summarise(cfg.sweep_dir, cfg.metric, cfg.mode)
+    result = summarise(cfg.sweep_dir, cfg.metric, cfg.mode, cfg.over)
     print(result["text"], end="")
     for folder in result["failed"]:
         print(f"failed: {folder}")
     sweep = Path(cfg.sweep_dir).resolve()
-    print(f"wrote {sweep / 'summary.csv'} and {sweep / 'summary.md'}")
+    print(f"wrote {sweep / 'summary.csv'}" + (f", {sweep / 'summary_mean.csv'}" if cfg.over else "")
+          + f" and {sweep / 'summary.md'}")
 
 
 def main() -> None:
