@@ -90,13 +90,18 @@ def _ok(job: Job, metric: str) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _numbers(jobs: list[Job], metric: str) -> list[str]:
+    """Every val/ and test/ key of the jobs' metrics but `metric`, val/ first."""
+    return sorted({k for j in jobs if j.metrics for k in j.metrics if k.startswith(("val/", "test/"))} - {metric},
+                  key=lambda k: (not k.startswith("val/"), k))
+
+
 def table(jobs: list[Job], metric: str, mode: str, all_overrides: bool) -> tuple[list[str], list[list]]:
     """(header, rows): job, status, overrides, metric first then val/ and test/ numbers; best first."""
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     if not all_overrides:  # the ones that tell the jobs apart
         keys = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
-    numbers = sorted({k for j in jobs if j.metrics for k in j.metrics if k.startswith(("val/", "test/"))} - {metric},
-                     key=lambda k: (not k.startswith("val/"), k))
+    numbers = _numbers(jobs, metric)
     good = sorted((j for j in jobs if _ok(j, metric)), key=lambda j: j.metrics[metric], reverse=mode == "max")
     header = ["job", "status", *keys, metric, *numbers]
     rows = []
@@ -117,8 +122,7 @@ def mean_table(jobs: list[Job], metric: str, mode: str, over: list[str]) -> tupl
         raise DspError(f"over={unknown[0]} is no override of this sweep's jobs; they have {known}")
     keys = [k for k in dict.fromkeys(k for j in jobs for k in j.overrides)
             if k not in over and len({j.overrides.get(k) for j in jobs}) > 1]
-    numbers = sorted({k for j in jobs if j.metrics for k in j.metrics if k.startswith(("val/", "test/"))} - {metric},
-                     key=lambda k: (not k.startswith("val/"), k))
+    numbers = _numbers(jobs, metric)
     groups: dict[tuple, list[Job]] = {}
     for j in jobs:
         groups.setdefault(tuple(j.overrides.get(k, "") for k in keys), []).append(j)
