@@ -90,6 +90,12 @@ def _ok(job: Job, metric: str) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _varying(jobs: list[Job]) -> list[str]:
+    """The override keys whose values tell the jobs apart, in first-seen order."""
+    keys = dict.fromkeys(k for j in jobs for k in j.overrides)
+    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+
+
 def _numbers(jobs: list[Job], metric: str) -> list[str]:
     """Every val/ and test/ key of the jobs' metrics but `metric`, val/ first."""
     return sorted({k for j in jobs if j.metrics for k in j.metrics if k.startswith(("val/", "test/"))} - {metric},
@@ -98,9 +104,7 @@ def _numbers(jobs: list[Job], metric: str) -> list[str]:
 
 def table(jobs: list[Job], metric: str, mode: str, all_overrides: bool) -> tuple[list[str], list[list]]:
     """(header, rows): job, status, overrides, metric first then val/ and test/ numbers; best first."""
-    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
-    if not all_overrides:  # the ones that tell the jobs apart
-        keys = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides)) if all_overrides else _varying(jobs)
     numbers = _numbers(jobs, metric)
     good = sorted((j for j in jobs if _ok(j, metric)), key=lambda j: j.metrics[metric], reverse=mode == "max")
     header = ["job", "status", *keys, metric, *numbers]
@@ -120,8 +124,7 @@ def mean_table(jobs: list[Job], metric: str, mode: str, over: list[str]) -> tupl
     if unknown:
         known = sorted({k for j in jobs for k in j.overrides})
         raise DspError(f"over={unknown[0]} is no override of this sweep's jobs; they have {known}")
-    keys = [k for k in dict.fromkeys(k for j in jobs for k in j.overrides)
-            if k not in over and len({j.overrides.get(k) for j in jobs}) > 1]
+    keys = [k for k in _varying(jobs) if k not in over]
     numbers = _numbers(jobs, metric)
     groups: dict[tuple, list[Job]] = {}
     for j in jobs:
@@ -135,9 +138,9 @@ def mean_table(jobs: list[Job], metric: str, mode: str, over: list[str]) -> tupl
             stats.append((statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
                          if values else None)
         rows.append([*setting, f"{len(done)}/{len(members)}", *stats])
-    ranked = sorted((r for r in rows if r[len(keys) + 1] is not None), key=lambda r: r[len(keys) + 1][0],
-                    reverse=mode == "max")
-    return [*keys, "finished", metric, *numbers], ranked + [r for r in rows if r[len(keys) + 1] is None]
+    at = len(keys) + 1  # the metric's (mean, std), after the setting and the count
+    ranked = sorted((r for r in rows if r[at] is not None), key=lambda r: r[at][0], reverse=mode == "max")
+    return [*keys, "finished", metric, *numbers], ranked + [r for r in rows if r[at] is None]
 
 
 def _number(v: float) -> str:
