@@ -158,3 +158,23 @@ def test_lenet_on_padded_words_skips_padding():
     assert out.shape == (2, 3, 26)
     assert (out[1, 1:] == 0).all()
     assert torch.allclose(out[0], net.net(x[0]), atol=1e-6)  # same as scoring the letters one by one
+
+
+def test_lenet_dropout_acts_only_in_training_and_keeps_checkpoint_keys():
+    torch.manual_seed(0)
+    plain, dropped = LeNet(26), LeNet(26, dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # old checkpoints still load
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.rand(4, 16, 8)
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(x), dropped(x))  # evaluation is deterministic and unchanged
+    dropped.train()
+    assert not torch.allclose(dropped(x), plain(x))
+
+
+def test_lenet_out_bias_keeps_relu_scores_alive_at_init():
+    torch.manual_seed(0)
+    x = torch.rand(64, 16, 8)
+    dead = (LeNet(26, out_activation="relu")(x) == 0).float().mean()
+    alive = LeNet(26, out_activation="relu", out_bias=0.5)(x)
+    assert dead > 0.2 and (alive > 0).all()  # the default init clips a share of the scores to zero

@@ -13,11 +13,15 @@ class LeNet(nn.Module):
 
     Input images of any size up to `pad_to` are zero-padded (centred) to pad_to × pad_to, as the
     paper pads the 16×8 OCR letters to 32×32. `out_activation` optionally follows the last layer
-    (the scaling paper's Figure 1b compares a ReLU and a sigmoid there).
+    (the scaling paper's Figure 1b compares a ReLU and a sigmoid there). `dropout` acts on the
+    hidden layer's activations during training (off by default: the paper names none).
+    `out_bias` sets the last layer's initial bias: with a ReLU on top, a positive value keeps every
+    letter's scores above zero (and passing gradient) at the start of training.
     """
 
     def __init__(self, out_features: int, pad_to: int = 32, channels=(10, 20), hidden: int = 140,
-                 out_activation: str | None = None):
+                 out_activation: str | None = None, dropout: float = 0.0,
+                 out_bias: float | None = None):
         super().__init__()
         self.pad_to, self.out_features = pad_to, out_features
         c1, c2 = channels
@@ -26,8 +30,12 @@ class LeNet(nn.Module):
             nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),
         )
         side = ((pad_to - 4) // 2 - 4) // 2
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, hidden), nn.ReLU(),
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, hidden),
+                                  # ReLU and dropout share one slot so checkpoint keys stay head.1 / head.3
+                                  nn.Sequential(nn.ReLU(), nn.Dropout(dropout)),
                                   nn.Linear(hidden, out_features))
+        if out_bias is not None:
+            nn.init.constant_(self.head[-1].bias, out_bias)
         self.out_activation = make_activation(out_activation) if out_activation else nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
