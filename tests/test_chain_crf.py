@@ -12,7 +12,7 @@ from dsp.inference.chain_decoding import ChainDecoding
 from dsp.models.chain_crf import ChainCRF, mean_abs
 from dsp.nn.lenet import LeNet, PerPosition
 from dsp.objectives.chain import ChainNLL, ChainSSVM, MarginalCrossEntropy, UnaryCrossEntropy
-from dsp.training.scaling import choose_unary_scale
+from dsp.training.scaling import choose_unary_scale, subset_losses
 
 
 class LinearUnaries(nn.Module):
@@ -134,6 +134,40 @@ def test_online_scaling_picks_the_alpha_a_brute_force_grid_picks():
     # in mini-batches (the loss averaged per batch, weighted by batch size) the choice is the same
     model.unary_scale.fill_(1.0)
     assert choose_unary_scale(model, objective, x, y, min_exp=-4, max_exp=4, batch_size=2)["scaling/alpha"] == best
+
+
+def test_online_scaling_keeps_alpha_1_once_a_linear_top_has_converged():
+    # dL_α/dα at α = 1 is <V, ∂L/∂V> + <b, ∂L/∂b> for unaries U = Vφ + b, zero wherever training
+    # has converged: why Algorithm 1 keeps α = 1 on our OCR and chunking runs (docs/RESULTS.md).
+    torch.manual_seed(0)
+    b, t, d, k = 64, 4, 3, 3
+    model = ChainCRF(k, LinearUnaries(d, k), pairwise_init_std=0.5).double()
+    x = torch.randn(b, t, d, dtype=torch.float64)
+    noise = -torch.log(-torch.log(torch.rand(b, t, k, dtype=torch.float64)))  # Gumbel: not separable
+    y = (2 * x @ torch.randn(d, k, dtype=torch.float64) + noise).argmax(-1)  # labels that depend on x
+    objective = MarginalCrossEntropy()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = objective.loss(model, None, x, y)[0]
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    h = 1e-4
+
+    def slope_and_curvature():
+        low, mid, high = subset_losses(model, objective, x, y, [1 - h, 1.0, 1 + h], subset=b, batch_size=b).tolist()
+        return (high - low) / (2 * h), (low - 2 * mid + high) / h**2
+
+    slope, curvature = slope_and_curvature()
+    assert curvature > 0 and abs(slope / curvature) < 1e-4  # L_α has its minimum at α = 1
+    assert choose_unary_scale(model, objective, x, y, min_exp=-3, max_exp=3, subset=b)["scaling/alpha"] == 1.0
+    with torch.no_grad():
+        model.unary_net.linear.weight.mul_(0.5)  # off the stationary point the slope is not zero
+    slope, curvature = slope_and_curvature()
+    assert slope < 0 and abs(slope / curvature) > 0.1  # now a larger α lowers the loss
 
 
 @pytest.mark.parametrize("objective,method", [(ChainNLL(), "viterbi"), (ChainSSVM(), "viterbi"),
