@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU figures the issues still lack, in one call on a machine with a GPU (issue 3's unrolled
+# benchmark, issue 8's speed suite and time-to-accuracy runs, issue 6's MRF iteration time), after
+# the CUDA-only tests. Run from the repository root; rows go to $OUT (the device tool's result
+# folder) or outputs/gpu, each step's output to <step>.log there.
+#
+#   bash scripts/device_checks.sh                      # every step
+#   STEPS="tests unrolled" bash scripts/device_checks.sh
+#   DEVICE=cpu QUICK=1 bash scripts/device_checks.sh   # rehearsal on a CPU (tiny shapes, 1 epoch)
+#
+# The device image has torch, h5py, tensorboard, tqdm and pytest but not hydra-core, omegaconf,
+# antlr4 or liac-arff; carry them (and the benchmark-only references) as pure-Python wheels, made
+# here once:   python -m pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 \
+#                antlr4-python3-runtime==4.9.3 liac-arff==2.5.0 pytorch-crf==0.7.2 torch-struct==0.5
+# and the data the time-to-accuracy step reads:   mkdir -p .data && cp -r ../shared/data/{mulan,ocr} .data/
+# (.whl/ and .data/ are git-ignored; name both in the device tool's `carry`).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-outputs/gpu}
+device=${DEVICE:-cuda}
+steps=${STEPS:-"tests unrolled suite mrf accuracy"}
+quick=${QUICK:-}
+mkdir -p "$out"
+
+if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+# No pip install of dsp itself on the device: import it from the tree. Its configs are the dsp.conf
+# package, which setuptools maps to conf/; a link stands in for that mapping while we run.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c "import dsp.conf" 2>/dev/null; then
+  ln -s ../conf dsp/conf && trap 'rm -f dsp/conf' EXIT
+fi
+export DSP_DATA_DIR=${DSP_DATA_DIR:-$PWD/.data}
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$out/machine.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/machine.txt" 2>/dev/null
+
+failed=0
+step() {  # step NAME COMMAND...: run one step, keep its log, go on after a failure
+  local name=$1; shift
+  case " $steps " in *" $name "*) ;; *) return 0 ;; esac
+  echo "== $name: $*"
+  local start=$SECONDS
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  echo "== $name: rc $rc, $((SECONDS - start)) s"
+  [ $rc -eq 0 ] || failed=1
+}
+
+accuracy() {  # time to accuracy (issue 8): SPEN on Bibtex to 44 validation example F1 (42.39 test on the CPU: docs/PERFORMANCE.md), one OCR fold to 97 char_acc
+  local cap=${quick:+trainer.max_epochs=1}
+  python3 -m dsp.cli.train experiment=spen_bibtex trainer.device="$device" trainer.stop_at=44 \
+    trainer.progress=false hydra.run.dir="$out/tta_spen_bibtex" $cap || return 1
+  python3 -m dsp.cli.train experiment=crf_ocr_stage data.test_fold=1 trainer.device="$device" trainer.stop_at=97 \
+    trainer.progress=false hydra.run.dir="$out/tta_crf_ocr_stage" $cap || return 1
+  grep -h -o '"train/time_to_target_s": [0-9.]*\|"train/time_s": [0-9.]*' "$out"/tta_*/metrics.json
+}
+
+step tests python3 -m pytest -q -rs tests/test_chain.py tests/test_hdf5_stream.py tests/test_bench.py
+step unrolled python3 scripts/bench_unrolled.py --device "$device" ${quick:+--steps 3 --repeats 1 --warmup 0 --batch 1} \
+  --json "$out/unrolled.json"
+step suite python3 scripts/bench.py --suite all --device "$device" ${quick:+--quick} --json "$out/bench.json"
+step mrf python3 scripts/bench_mrf.py --device "$device" ${quick:+--iters 2}
+step accuracy accuracy
+exit $failed
