@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures the issues still lack, in one call on a machine with a GPU (issue 3's unrolled
 # benchmark, issue 8's speed suite and time-to-accuracy runs, issue 6's MRF iteration time), after
-# the CUDA-only tests. Run from the repository root; rows go to $OUT (the device tool's result
-# folder) or outputs/gpu, each step's output to <step>.log there.
+# the CUDA-only tests. Run from the repository root. Three files go to $OUT (the device tool's
+# result folder, which brings back few files) or outputs/gpu: device_checks.log (every step's
+# output), unrolled.json and bench.json; training run folders go to outputs/gpu_runs.
 #
 #   bash scripts/device_checks.sh                      # every step
 #   STEPS="tests unrolled" bash scripts/device_checks.sh
@@ -20,7 +21,9 @@ out=${OUT:-outputs/gpu}
 device=${DEVICE:-cuda}
 steps=${STEPS:-"tests unrolled suite mrf accuracy"}
 quick=${QUICK:-}
-mkdir -p "$out"
+runs=outputs/gpu_runs
+log="$out/device_checks.log"
+mkdir -p "$out" "$runs"
 
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -34,29 +37,30 @@ if ! python3 -c "import dsp.conf" 2>/dev/null; then
 fi
 export DSP_DATA_DIR=${DSP_DATA_DIR:-$PWD/.data}
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
-torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$out/machine.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/machine.txt" 2>/dev/null
+torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$log" 2>/dev/null
 
 failed=0
 step() {  # step NAME COMMAND...: run one step, keep its log, go on after a failure
   local name=$1; shift
   case " $steps " in *" $name "*) ;; *) return 0 ;; esac
-  echo "== $name: $*"
+  echo "== $name: $*" | tee -a "$log"
   local start=$SECONDS
-  "$@" > "$out/$name.log" 2>&1
+  "$@" > "$runs/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$out/$name.log"
-  echo "== $name: rc $rc, $((SECONDS - start)) s"
+  cat "$runs/$name.log" >> "$log"
+  tail -n 25 "$runs/$name.log"
+  echo "== $name: rc $rc, $((SECONDS - start)) s" | tee -a "$log"
   [ $rc -eq 0 ] || failed=1
 }
 
 accuracy() {  # time to accuracy (issue 8): SPEN on Bibtex to 44 validation example F1 (42.39 test on the CPU: docs/PERFORMANCE.md), one OCR fold to 97 char_acc
   local cap=${quick:+trainer.max_epochs=1}
   python3 -m dsp.cli.train experiment=spen_bibtex trainer.device="$device" trainer.stop_at=44 \
-    trainer.progress=false hydra.run.dir="$out/tta_spen_bibtex" $cap || return 1
+    trainer.progress=false hydra.run.dir="$runs/tta_spen_bibtex" $cap || return 1
   python3 -m dsp.cli.train experiment=crf_ocr_stage data.test_fold=1 trainer.device="$device" trainer.stop_at=97 \
-    trainer.progress=false hydra.run.dir="$out/tta_crf_ocr_stage" $cap || return 1
-  grep -h -o '"train/time_to_target_s": [0-9.]*\|"train/time_s": [0-9.]*' "$out"/tta_*/metrics.json
+    trainer.progress=false hydra.run.dir="$runs/tta_crf_ocr_stage" $cap || return 1
+  grep -h -o '"train/time_to_target_s": [0-9.]*\|"train/time_s": [0-9.]*' "$runs"/tta_*/metrics.json
 }
 
 step tests python3 -m pytest -q -rs tests/test_chain.py tests/test_hdf5_stream.py tests/test_bench.py
