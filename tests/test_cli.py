@@ -241,6 +241,29 @@ def test_chain_crf_train_then_eval_writes_sequence_predictions(tmp_path):
     assert [r[-1] == "minimum" for r in rows] == [v == min(losses) for v in losses]
 
 
+
+def test_oov_accuracy_splits_the_token_accuracy_into_unknown_and_known_words(tmp_path):
+    run = tmp_path / "run"
+    train_txt, test_txt = write_conll(tmp_path / "conll")
+    proc = run_cli("dsp-train", "experiment=crf_chunking_online", f"data.train={train_txt}", f"data.test={test_txt}",
+                   *QUICK_CRF, "model.unary_net.word_dim=8", "model.unary_net.hidden=16", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli("dsp-eval", f"run_dir={run}", "split=test", "out=eval_test").returncode == 0
+    script = [sys.executable, str(REPO / "scripts" / "oov_accuracy.py"), "--split", "test"]
+    proc = subprocess.run([*script, str(run)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    share, unknown, known = (float(v.strip(" %")) for v in proc.stdout.splitlines()[-1].split("|")[2:5])
+    # The fixture's test split draws words training never saw; the two accuracies must average,
+    # weighted by their token shares, to the plain token accuracy of the saved predictions.
+    arrays = np.load(run / "eval_test" / "predictions.npz")
+    real = arrays["target"] >= 0
+    overall = 100 * (arrays["pred"][real] == arrays["target"][real]).mean()
+    assert 0 < share < 100
+    assert (share * unknown + (100 - share) * known) / 100 == pytest.approx(overall, abs=0.02)
+    # a run without those predictions is named, not a traceback
+    proc = subprocess.run([*script, "--eval-dir", "eval_missing", str(run)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "run dsp-eval" in proc.stderr and "Traceback" not in proc.stderr
+
 def test_min_delta_counts_small_gains_as_no_progress(tmp_path):
     """With min_delta larger than any possible gain, every epoch is 'bad': patience 2 stops after 2."""
     common = [*QUICK, *TINY_SYNTHETIC, "trainer=default", "trainer.max_epochs=6", "trainer.patience=2"]

@@ -140,3 +140,25 @@ def test_chunking_presets_build_the_model_from_the_data_vocabularies(preset, hea
     assert (head == "bilstm") == hasattr(model.unary_net.head, "lstm")
     x, y = data.val.tensors
     assert model.unary_net(x, (y >= 0).sum(-1)).shape == (*y.shape, data.num_labels)
+
+
+def test_word_dropout_trains_the_unknown_row_and_is_off_at_prediction():
+    x, lengths = random_batch()
+    x[..., 0] = torch.where(x[..., 0] == 1, 2, x[..., 0])  # every word in the vocabulary
+    net = tagger("linear", word_dropout=0.5)
+    assert torch.equal(net(x, lengths), net(x, lengths))  # eval mode: deterministic, ids untouched
+    as_unknown = x.clone()
+    as_unknown[..., 0] = torch.where(x[..., 0] > 0, 1, 0)  # every real word -> the unknown id
+    net.train()
+    net.word_dropout = 1.0 - 1e-9  # (the constructor refuses 1: all words unknown is no model)
+    net.head.net[2].p = 0.0  # only word dropout is random now
+    torch.manual_seed(0)
+    assert torch.allclose(net(x, lengths), net.eval()(as_unknown, lengths))
+    # At p = 0.5 the unknown row gets gradient, at p = 0 it does not (every word is in the vocabulary).
+    for p, gets_gradient in [(0.5, True), (0.0, False)]:
+        net.word_dropout = p
+        net.train().zero_grad()
+        net(x, lengths).sum().backward()
+        assert (net.words.weight.grad[1].abs().sum() > 0) == gets_gradient
+    with pytest.raises(DspError, match="word_dropout"):
+        WordTagger(5, 30, 6, 12, word_dropout=1.0)

@@ -19,6 +19,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dsp.errors import DspError
 
+UNKNOWN_ID = 1  # the data's vocabularies: 0 = padding, 1 = unknown (dsp.data.conll)
+
 
 class CharEncoder(nn.Module):
     """Words as character id rows [N, C] (left-aligned, 0-padded) -> BiLSTM final states [N, 2H]."""
@@ -74,13 +76,21 @@ class WordTagger(nn.Module):
     that initialises the embeddings of the vocabulary's words found in it; it needs `vocab`, the
     index -> word list of the data (`data.vocab["words"]`). Words not in the file keep their random
     (learnable) embedding, as the paper's out-of-SENNA words do.
+
+    `word_dropout`: while training, each token's word id becomes the unknown id with this
+    probability. With every training word in the vocabulary the unknown row is otherwise never
+    trained, yet it is the embedding every out-of-vocabulary validation and test word gets.
     """
 
     def __init__(self, num_labels: int, num_words: int, num_pos: int, num_chars: int, word_dim: int = 50,
                  pos_dim: int = 10, char_dim: int = 10, char_hidden: int = 50, char_layers: int = 2,
                  head: str = "linear", hidden: int = 300, word_layers: int = 2, dropout: float = 0.5,
-                 pretrained: str | os.PathLike | None = None, vocab: Sequence[str] | None = None):
+                 pretrained: str | os.PathLike | None = None, vocab: Sequence[str] | None = None,
+                 word_dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= word_dropout < 1.0:
+            raise DspError(f"model.unary_net.word_dropout must be in [0, 1), got {word_dropout}")
+        self.word_dropout = word_dropout
         self.words = nn.Embedding(num_words, word_dim, padding_idx=0)
         self.pos = nn.Embedding(num_pos, pos_dim, padding_idx=0)
         self.chars = CharEncoder(num_chars, char_dim, char_hidden, char_layers)
@@ -106,7 +116,11 @@ class WordTagger(nn.Module):
         mask = torch.arange(t, device=x.device) < lengths.unsqueeze(-1)  # [B, T]
         chars = x.new_zeros(b, t, self.chars.out_features, dtype=self.words.weight.dtype)  # [B, T, 2H]
         chars[mask] = self.chars(x[..., 2:][mask])  # only real tokens go through the character BiLSTM
-        h = torch.cat([self.words(x[..., 0]), self.pos(x[..., 1]), chars], -1)  # [B, T, D]
+        words = x[..., 0]
+        if self.training and self.word_dropout > 0:
+            unknown = (torch.rand(words.shape, device=words.device) < self.word_dropout) & mask
+            words = words.masked_fill(unknown, UNKNOWN_ID)
+        h = torch.cat([self.words(words), self.pos(x[..., 1]), chars], -1)  # [B, T, D]
         scores = self.head(self.dropout(h), lengths)  # [B, T, K]
         return scores * mask.unsqueeze(-1)
 
