@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from dsp.build import build_data
-from dsp.nn.text import UNKNOWN_ID
+from dsp.data.conll import UNK_ID
 
 
 def main() -> int:
@@ -41,7 +41,7 @@ def main() -> int:
         pred, target = saved["pred"], saved["target"]  # [N, T'], padded with -1
         words = words[:, : target.shape[1]]
         real = target >= 0
-        unknown, known = real & (words == UNKNOWN_ID), real & (words != UNKNOWN_ID)
+        unknown, known = real & (words == UNK_ID), real & (words != UNK_ID)
         def acc(m):
             return 100.0 * float((pred[m] == target[m]).mean())
         print(f"| {run.name} | {100.0 * unknown.sum() / real.sum():.2f}% | {acc(unknown):.2f} | {acc(known):.2f} |")

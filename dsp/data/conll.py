@@ -24,6 +24,7 @@ from dsp.data.splits import holdout
 from dsp.errors import DspError
 
 PAD, UNK = "<pad>", "<unk>"
+UNK_ID = 1  # every vocabulary starts [PAD, UNK, ...]; out-of-vocabulary tokens get this id
 MAX_WORD_CHARS = 20
 TAG = re.compile(r"O|[BIES]-\S+")  # the tag schemes conlleval understands
 DOWNLOAD_HINT = (
@@ -105,16 +106,16 @@ def load_conll2000(
     max_len = max(len(s) for s in everything)
 
     def char_ids(word: str) -> list[int]:
-        ids = [char_id.get(c, 1) for c in word[:num_chars]]
+        ids = [char_id.get(c, UNK_ID) for c in word[:num_chars]]
         return ids + [0] * (num_chars - len(ids))
 
     def encode(sentences: list[Sentence]) -> TensorDataset:
         tokens = [token for s in sentences for token in s]
         # Encode each distinct word once (~20k word types against ~200k tokens), then gather.
         types = {w: i for i, w in enumerate(dict.fromkeys(w for w, _, _ in tokens))}
-        per_type = torch.tensor([[word_id.get(norm(w), 1), *char_ids(w)] for w in types], dtype=torch.int64)
+        per_type = torch.tensor([[word_id.get(norm(w), UNK_ID), *char_ids(w)] for w in types], dtype=torch.int64)
         feats = per_type[torch.tensor([types[w] for w, _, _ in tokens])]
-        pos_ids = torch.tensor([[pos_id.get(p, 1)] for _, p, _ in tokens], dtype=torch.int64)
+        pos_ids = torch.tensor([[pos_id.get(p, UNK_ID)] for _, p, _ in tokens], dtype=torch.int64)
         x = torch.cat([feats[:, :1], pos_ids, feats[:, 1:]], 1)  # word id, POS id, character ids
         y = torch.tensor([label_id[tag] for _, _, tag in tokens], dtype=torch.int64)
         lengths = [len(s) for s in sentences]

@@ -17,9 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from dsp.data.conll import UNK_ID
 from dsp.errors import DspError
-
-UNKNOWN_ID = 1  # the data's vocabularies: 0 = padding, 1 = unknown (dsp.data.conll)
 
 
 class CharEncoder(nn.Module):
@@ -119,7 +118,7 @@ class WordTagger(nn.Module):
         words = x[..., 0]
         if self.training and self.word_dropout > 0:
             unknown = (torch.rand(words.shape, device=words.device) < self.word_dropout) & mask
-            words = words.masked_fill(unknown, UNKNOWN_ID)
+            words = words.masked_fill(unknown, UNK_ID)
         h = torch.cat([self.words(words), self.pos(x[..., 1]), chars], -1)  # [B, T, D]
         scores = self.head(self.dropout(h), lengths)  # [B, T, K]
         return scores * mask.unsqueeze(-1)
