@@ -111,6 +111,29 @@ def test_online_preset_trains_and_evaluates_on_the_fixture(tmp_path):
     assert arrays["pred"].shape == arrays["target"].shape == arrays["score"].shape == (2, 32, 32)
 
 
+def test_horses64_keeps_the_horses32_protocol_at_four_times_the_pixels(tmp_path):
+    """data=horses64 (the issue's higher-resolution config) under a preset: the split and crop keys
+    of horses32, size 64, and training, metrics and predictions at 64×64."""
+    from hydra import compose, initialize_config_dir
+
+    from dsp.cli.common import config_dir
+    from dsp.cli.evaluate import evaluate_run
+    from dsp.cli.train import train
+    from fixtures_images import tiny_images_overrides
+
+    root = write_image_folder(tmp_path / "imgs", n=8)
+    tiny = [o for o in tiny_images_overrides(root) if not o.startswith("data.size=")]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        base = compose("config", overrides=["experiment=unet_horses"])
+        cfg = compose("config", overrides=["experiment=unet_horses", "data=horses64", *tiny])
+        plain = compose("config", overrides=["experiment=unet_horses", "data=horses64"])
+    assert plain.data.size == 64 and base.data.size == 32
+    assert {k: v for k, v in plain.data.items() if k != "size"} == {k: v for k, v in base.data.items() if k != "size"}
+    train(cfg, tmp_path / "run")
+    _, arrays = evaluate_run(tmp_path / "run", split="test")
+    assert arrays["pred"].shape == arrays["target"].shape == (2, 64, 64)
+
+
 # ------------------------------------------------------------------ the crop protocol (DVN §5.2, §5.4)
 from dataclasses import dataclass  # noqa: E402
 
