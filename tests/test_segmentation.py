@@ -280,3 +280,85 @@ def test_loader_carries_the_crop_protocol_to_the_task_and_checks_it(tmp_path):
                        ({"crop": 8, "combine": "max"}, "data.combine")]:
         with pytest.raises(DspError, match=match):
             load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), **bad)
+
+
+# ------------------------------------------------------------- training augmentation (data.augment)
+import math  # noqa: E402
+
+from dsp.tasks.augment import affine_matrices, augment_batch, augment_settings, warp  # noqa: E402
+
+
+def one_warp(x, y, zoom=1.0, angle=0.0, shift=(0.0, 0.0)):
+    theta = affine_matrices(torch.tensor([zoom]), torch.tensor([angle]), torch.tensor([shift]))
+    return warp(x, y, theta)
+
+
+def test_warps_by_hand_shift_rotation_and_zoom():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    y = torch.zeros(1, 4, 4)
+    y[0, 1, 2] = 1.0
+    # a shift of a quarter of the side (0.5 in normalised units) to the right: one pixel, the first
+    # column repeats the border
+    xs, ys = one_warp(x, y, shift=(0.5, 0.0))
+    assert torch.allclose(xs[0, 0, :, 1:], x[0, 0, :, :-1]) and torch.allclose(xs[0, 0, :, 0], x[0, 0, :, 0])
+    assert ys[0].nonzero().tolist() == [[1, 3]]
+    # a quarter turn maps pixel centres onto pixel centres: exactly a rot90 of image and mask
+    xr, yr = one_warp(x, y, angle=math.pi / 2)
+    assert torch.allclose(xr[0, 0], torch.rot90(x[0, 0], -1, (0, 1)), atol=1e-5)
+    assert torch.equal(yr[0], torch.rot90(y[0], -1, (0, 1)))
+    # zoom 2 about the centre: output pixel (1, 1), centre (-0.25, -0.25) in normalised units, samples
+    # the input at (-0.125, -0.125), i.e. pixel (1.25, 1.25): 5 + 0.25·1 + 0.25·4 between 5, 6, 9, 10
+    xz, _ = one_warp(x, y, zoom=2.0)
+    assert torch.allclose(xz[0, 0, 1:3, 1:3], torch.tensor([[6.25, 6.75], [8.25, 8.75]]))
+
+
+def test_augmented_masks_follow_their_images_and_stay_binary():
+    torch.manual_seed(0)
+    y = (torch.rand(16, 12, 12) > 0.6).float()
+    x = torch.cat([y.unsqueeze(1), torch.rand(16, 2, 12, 12)], 1)  # channel 0 is the mask itself
+    settings = augment_settings({"scale": 0.2, "rotate": 20, "translate": 0.2})
+    xa, ya = augment_batch(x, y, settings)
+    assert xa.shape == x.shape and ya.shape == y.shape and set(ya.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(ya, y)  # warped ...
+    assert torch.equal((xa[:, 0] >= 0.5).float(), ya)  # ... through the same grid as the image
+
+
+def test_colour_changes_touch_the_image_only_and_stay_in_range():
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 3, 6, 6) * 0.5 + 0.25, (torch.rand(32, 6, 6) > 0.5).float()
+    xb, yb = augment_batch(x, y, augment_settings({"brightness": 0.2}))
+    shift = xb - x
+    assert torch.equal(yb, y) and shift.abs().max() <= 0.2 + 1e-6
+    assert torch.allclose(shift, shift[:, :1, :1, :1].expand_as(shift), atol=1e-6)  # one constant per image
+    assert shift[:, 0, 0, 0].std() > 0.05  # drawn per example
+    xc, _ = augment_batch(x, y, augment_settings({"contrast": 0.5}))
+    assert torch.allclose(xc.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=1e-5)  # contrast keeps the mean here
+    assert 0.0 <= augment_batch(x * 2, y, augment_settings({"brightness": 1.0}))[0].min() <= 1.0
+
+
+def test_augment_settings_are_checked_with_the_key_in_the_message(tmp_path):
+    assert augment_settings(None) == augment_settings({}) == {k: 0.0 for k in
+                                                               ("scale", "rotate", "translate", "brightness", "contrast")}
+    for bad, match in [({"zoom": 0.1}, "data.augment.zoom"), ({"scale": 1.0}, r"data.augment.scale=1.0"),
+                       ({"rotate": -5}, "data.augment.rotate"), ({"translate": "far"}, "must be a number"),
+                       ([1, 2], "mapping")]:
+        with pytest.raises(DspError, match=match):
+            augment_settings(bad)
+    root = write_image_folder(tmp_path / "imgs", n=8)
+    data = load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), augment={"rotate": 10})
+    task = task_for(data)
+    assert task.augment["rotate"] == 10.0 and task.augmenting
+    x, y = data.train.tensors
+    torch.manual_seed(1)
+    xa, ya = task.batch(x, y)
+    assert xa.shape == x.shape and not torch.equal(xa, x)
+    assert task_for(load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8))).batch(x, y)[0] is x  # off: as is
+
+
+def test_flip_mirrors_whole_images_too():
+    x, y = position_images(b=64)
+    torch.manual_seed(0)
+    xf, yf = SegmentationTask(flip=True).batch(x, y)
+    mirrored = xf[:, 0, 0, 0] > xf[:, 0, 0, -1]
+    assert 0 < mirrored.sum() < 64 and torch.equal(xf[:, 0], yf)
+    assert torch.equal(torch.where(mirrored[:, None, None, None], xf.flip(-1), xf), x)

@@ -15,7 +15,9 @@ a training-fit monitor, so train a fixed number of epochs).
 The loader only carries the crop protocol to the task (dsp.tasks.segmentation), which applies it:
   crop        train on a uniformly random crop×crop window of each image, fresh every batch
               (DVN §5.2: "for training data augmentation purposes we randomly crop the image");
-              null trains on whole images. flip: also mirror each crop left-right with p = 1/2.
+              null trains on whole images. flip: also mirror each training image (or crop) left-right with p = 1/2.
+  augment     random zoom, rotation, shift, brightness and contrast of every training image (and
+              its mask) before the crop, fresh every batch (dsp.tasks.augment); null or zeros: off.
   test_crops  predict (val, test, dsp-eval) from a √n × √n grid of crop windows (DVN §5.2, Table 4:
               9, 25 or 36 crops), combined into one full-size mask by `combine`: "average" (mask
               averaging) or "joint" (joint inference: gradient steps on the whole mask through all
@@ -36,6 +38,7 @@ from torch.utils.data import TensorDataset
 
 from dsp.data.splits import NamedSplits
 from dsp.errors import DspError
+from dsp.tasks.augment import augment_settings
 
 IMAGE_DIR, MASK_DIR = "rgb", "figure_ground"
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -51,9 +54,10 @@ class ImageMaskSplits(NamedSplits):
     names: dict[str, list[str]] = field(default_factory=dict)  # split -> image stems, in order
     label_names: list[str] = field(default_factory=lambda: ["background", "foreground"])
     crop: int | None = None  # training crop side (None: whole images)
-    flip: bool = False  # random left-right mirroring of training crops
+    flip: bool = False  # random left-right mirroring of training images (or crops)
     test_crops: int | None = None  # crops per image at prediction (a square number; None: whole image)
     combine: str = "average"  # how test crops become one mask: average | joint
+    augment: dict = field(default_factory=dict)  # training augmentation magnitudes (dsp.tasks.augment)
 
     @property
     def num_features(self) -> int:
@@ -145,12 +149,13 @@ def _crop_settings(size: int, crop, flip, test_crops, combine) -> dict:
 
 def load_horses(root: str | os.PathLike, size: int = 32, train=(1, 200), test=(201, 328), val=(171, 200),
                 grayscale: bool = False, val_holdout: bool = True, crop: int | None = None, flip: bool = False,
-                test_crops: int | None = None, combine: str = "average") -> ImageMaskSplits:
+                test_crops: int | None = None, combine: str = "average", augment=None) -> ImageMaskSplits:
     """Load an rgb/ + figure_ground/ folder pair, resized to size×size (bilinear; masks thresholded)."""
     if int(size) < 1:
         raise DspError(f"data.size must be >= 1, got {size}")
     root, size = Path(root), int(size)
     protocol = _crop_settings(size, crop, flip, test_crops, combine)
+    protocol["augment"] = augment_settings(augment)
     files = _pair_files(root)
     n = len(files)
     tr, te = _range("train", train, n), _range("test", test, n)

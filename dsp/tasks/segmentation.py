@@ -6,9 +6,10 @@ argmax of Eq. 13); nothing is tuned on validation data.
 
 The crop protocol of DVN §5.2 / §5.4 (data.crop, data.flip, data.test_crops, data.combine; see
 dsp.data.images), vectorised over the batch and the crops:
-  training    batch() cuts one uniformly random crop×crop window per example, fresh every batch
-              (the trainer calls it on every training batch), mirrored left-right with p = 1/2 when
-              flip is set.
+  training    batch() warps and recolours each example when data.augment is set
+              (dsp.tasks.augment), cuts one uniformly random crop×crop window per example, fresh
+              every batch (the trainer calls it on every training batch), and mirrors it
+              left-right with p = 1/2 when flip is set (whole images too).
   prediction  every image is cut into a fixed √n × √n grid of windows (offsets evenly spaced from 0
               to size - crop, rounded: for 36 crops of 24 in 32, 0 2 3 5 6 8 on each axis). Then
               "average": each crop is predicted on its own and every pixel takes the mean of the
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from dsp.errors import DspError
+from dsp.tasks.augment import augment_batch, augment_settings
 from dsp.tasks.oracles import soft_iou
 from dsp.training.predict import eval_mode
 
@@ -140,23 +142,28 @@ class SegmentationTask:
     main_metric = "mean_iou"
 
     def __init__(self, crop: int | None = None, flip: bool = False, test_crops: int | None = None,
-                 combine: str = "average"):
+                 combine: str = "average", augment: dict | None = None):
         self.crop, self.flip, self.test_crops, self.combine = crop, flip, test_crops, combine
+        self.augment = augment_settings(augment)
+        self.augmenting = any(self.augment.values())
 
     def batch(self, x, y):
-        """Training only: one random crop per example (DVN §5.2 augmentation); x [B, C, H, W] and
+        """Training only: the random warp and colour changes of data.augment, one random crop per
+        example (DVN §5.2 augmentation) and the left-right mirror of data.flip; x [B, C, H, W] and
         y [B, H, W] -> [B, C, c, c] and [B, c, c]. Whole images when data.crop is null."""
-        if self.crop is None:
-            return x, y
-        b, (h, w), c = x.shape[0], x.shape[-2:], self.crop
-        room = torch.tensor([h - c + 1, w - c + 1], device=x.device)  # [2] valid offsets per axis
-        corners = (torch.rand(b, 1, 2, device=x.device) * room).long().minimum(room - 1)  # [B, 1, 2]
-        xc, yc = take_crops(x, corners, c)[:, 0], take_crops(y, corners, c)[:, 0]  # [B, C, c, c], [B, c, c]
-        if self.flip:
+        if self.augmenting:
+            x, y = augment_batch(x, y, self.augment)
+        b, (h, w) = x.shape[0], x.shape[-2:]
+        if self.crop is not None:
+            c = self.crop
+            room = torch.tensor([h - c + 1, w - c + 1], device=x.device)  # [2] valid offsets per axis
+            corners = (torch.rand(b, 1, 2, device=x.device) * room).long().minimum(room - 1)  # [B, 1, 2]
+            x, y = take_crops(x, corners, c)[:, 0], take_crops(y, corners, c)[:, 0]  # [B, C, c, c], [B, c, c]
+        if self.flip:  # whole images too (it used to apply to crops only)
             mirror = torch.rand(b, device=x.device) < 0.5  # [B]
-            xc = torch.where(mirror[:, None, None, None], xc.flip(-1), xc)
-            yc = torch.where(mirror[:, None, None], yc.flip(-1), yc)
-        return xc, yc
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+            y = torch.where(mirror[:, None, None], y.flip(-1), y)
+        return x, y
 
     def predict(self, model, inference, x, y, batch_size: int, mode: str):
         """Foreground probabilities [N, H, W] and the mean inference iterations per batch; from
