@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -60,3 +62,37 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_checkpoint({"model": {}, "config": {}, "epoch": 2}, path)
     assert load_checkpoint(path)["epoch"] == 1  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # and no temporary file is left
+
+
+def test_cosine_schedule_anneals_the_rate_to_zero_over_the_stage(tmp_path):
+    """trainer.lr_schedule=cosine: after epoch e of E the rate is lr·(1 + cos(πe/E))/2, whatever
+    validation does, and every stage (the default config has three) starts its own cosine."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dsp.cli.train import train
+
+    cfg = compose_cfg("trainer.lr_schedule=cosine", "trainer.stage_epochs=4", "trainer.patience=100",
+                      "trainer.progress=false", "inference.max_iter=3", "trainer.batch_size=16", "trainer.lr=1e-3")
+    train(cfg, tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    logged = [s.value for s in events.Scalars("lr")]
+    rates = [s.lr for s in build_stages(cfg.trainer, None, build_model(cfg))]
+    assert len(rates) == 3
+    cosine = [lr * (1 + math.cos(math.pi * e / 4)) / 2 for lr in rates for e in (1, 2, 3, 4)]
+    assert logged == pytest.approx(cosine, rel=1e-6, abs=1e-12)  # (TensorBoard stores float32)
+
+
+def test_lr_schedule_is_per_stage_and_a_typo_names_the_key():
+    cfg = compose_cfg("trainer=staged", "trainer.lr_schedule=cosine", "trainer.stages.joint.lr_schedule=plateau")
+    build_data(cfg)
+    model = build_model(cfg)
+    stages = build_stages(cfg.trainer, build_objective(cfg), model)
+    assert [s.lr_schedule for s in stages] == ["cosine", "cosine", "plateau"]
+    optimizer = stages[0].make_optimizer(stages[0].parameters(model))
+    assert isinstance(stages[0].make_scheduler(optimizer), torch.optim.lr_scheduler.CosineAnnealingLR)
+    with pytest.raises(DspError, match=r"trainer.stages.global.lr_schedule='cosin'.*plateau, cosine"):
+        build_stages(compose_cfg("trainer=staged", "trainer.stages.global.lr_schedule=cosin").trainer,
+                     build_objective(cfg), model)
+    with pytest.raises(DspError, match=r"^trainer.lr_schedule='step'"):
+        build_stages(compose_cfg("trainer.lr_schedule=step").trainer, build_objective(cfg), model)

@@ -16,8 +16,9 @@ from dsp.errors import DspError
 
 STAGE_KEYS = {
     "objective", "train", "predict", "optimizer", "lr", "momentum", "weight_decay",
-    "max_epochs", "patience", "batch_size", "lr_factor", "lr_patience",
+    "max_epochs", "patience", "batch_size", "lr_factor", "lr_patience", "lr_schedule",
 }
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Stage:
     batch_size: int
     lr_factor: float
     lr_patience: int
+    lr_schedule: str = "plateau"
 
     def parameters(self, model: torch.nn.Module):
         """Freeze everything the stage does not train; return the trained parameters."""
@@ -42,6 +44,23 @@ class Stage:
         for n, child in model.named_children():
             child.requires_grad_(n in names)
         return [p for n in names for p in getattr(model, n).parameters()]
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, min_delta: float = 0.0):
+        """plateau: ×lr_factor after lr_patience epochs without validation progress (step(metric));
+        cosine: from lr down to 0 over the stage's max_epochs (step() once an epoch), for
+        fixed-length training where no held-out metric should steer the rate."""
+        if self.lr_schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs, eta_min=0.0)
+        plateau = {"threshold": min_delta, "threshold_mode": "abs"} if min_delta > 0 else {}
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=self.lr_factor, patience=self.lr_patience, **plateau
+        )
+
+    def step_scheduler(self, scheduler, metric: float) -> None:
+        if self.lr_schedule == "cosine":
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -79,6 +98,10 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
         predict = spec.get("predict") or "inference"
         if predict not in ("inference", "local"):
             raise DspError(f"trainer.stages.{name}.predict={predict!r}: choose 'inference' or 'local'")
+        schedule = str(get("lr_schedule") or "plateau")
+        if schedule not in LR_SCHEDULES:
+            where = f"trainer.stages.{name}.lr_schedule" if spec.get("lr_schedule") is not None else "trainer.lr_schedule"
+            raise DspError(f"{where}={schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         max_epochs = spec.get("max_epochs") or trainer_cfg.stage_epochs
         if trainer_cfg.max_epochs is not None:  # the run-wide cap reviewers use for quick checks
             max_epochs = min(max_epochs, trainer_cfg.max_epochs)
@@ -87,6 +110,6 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
             optimizer=get("optimizer"), lr=float(get("lr")), momentum=float(get("momentum")),
             weight_decay=float(get("weight_decay")), max_epochs=int(max_epochs),
             patience=int(get("patience")), batch_size=int(get("batch_size")),
-            lr_factor=float(get("lr_factor")), lr_patience=int(get("lr_patience")),
+            lr_factor=float(get("lr_factor")), lr_patience=int(get("lr_patience")), lr_schedule=schedule,
         ))
     return out

@@ -265,10 +265,7 @@ class Trainer:
         # min_delta: the smallest change of the monitored metric that counts as progress, for the
         # schedule and for early stopping alike (the scaling paper's Appendix B uses 0.1 points).
         min_delta = float(self.cfg.get("min_delta") or 0.0)
-        plateau = {"threshold": min_delta, "threshold_mode": "abs"} if min_delta > 0 else {}
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=stage.lr_factor, patience=stage.lr_patience, **plateau
-        )
+        scheduler = stage.make_scheduler(optimizer, min_delta)
         best, bad_epochs, first_epoch, offset = -math.inf, 0, 1, 0
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
@@ -369,7 +366,7 @@ class Trainer:
             metrics, threshold, iters = self.validate(stage.predict)
             metrics, threshold = self.dist.broadcast_object((metrics, threshold))  # ddp: decide alike
             current = metrics[monitor]
-            scheduler.step(current)
+            stage.step_scheduler(scheduler, current)
             improved = current > best + min_delta
             if improved:
                 best, bad_epochs = current, 0
