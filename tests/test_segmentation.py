@@ -285,7 +285,7 @@ def test_loader_carries_the_crop_protocol_to_the_task_and_checks_it(tmp_path):
 # ------------------------------------------------------------- training augmentation (data.augment)
 import math  # noqa: E402
 
-from dsp.tasks.augment import affine_matrices, augment_batch, augment_settings, warp  # noqa: E402
+from dsp.tasks.augment import affine_matrices, augment_batch, augment_settings, warp, warp_matrices  # noqa: E402
 
 
 def one_warp(x, y, zoom=1.0, angle=0.0, shift=(0.0, 0.0)):
@@ -310,6 +310,19 @@ def test_warps_by_hand_shift_rotation_and_zoom():
     # the input at (-0.125, -0.125), i.e. pixel (1.25, 1.25): 5 + 0.25·1 + 0.25·4 between 5, 6, 9, 10
     xz, _ = one_warp(x, y, zoom=2.0)
     assert torch.allclose(xz[0, 0, 1:3, 1:3], torch.tensor([[6.25, 6.75], [8.25, 8.75]]))
+
+
+def test_a_quarter_turn_of_a_tall_image_is_rigid_in_pixels():
+    """H = 6, W = 2: the normalised axes differ in pixels by 3×, so the rotation needs aspect = W/H;
+    the central 2×2 block then turns exactly like a rot90 (without it, it samples off the centres)."""
+    x = torch.arange(12.0).view(1, 1, 6, 2)
+    theta = affine_matrices(torch.tensor([1.0]), torch.tensor([math.pi / 2]), torch.zeros(1, 2), aspect=2 / 6)
+    xr, _ = warp(x, torch.zeros(1, 6, 2), theta)
+    assert torch.allclose(xr[0, 0, 2:4], torch.rot90(x[0, 0, 2:4], -1, (0, 1)), atol=1e-5)
+    torch.manual_seed(0)  # augment_batch passes the batch's W / H
+    xa, _ = augment_batch(x, torch.zeros(1, 6, 2), augment_settings({"rotate": 90}))
+    torch.manual_seed(0)
+    assert torch.allclose(xa, warp(x, torch.zeros(1, 6, 2), warp_matrices(1, 0.0, 90.0, 0.0, aspect=1 / 3))[0])
 
 
 def test_augmented_masks_follow_their_images_and_stay_binary():
@@ -341,7 +354,8 @@ def test_augment_settings_are_checked_with_the_key_in_the_message(tmp_path):
                                                                ("scale", "rotate", "translate", "brightness", "contrast")}
     for bad, match in [({"zoom": 0.1}, "data.augment.zoom"), ({"scale": 1.0}, r"data.augment.scale=1.0"),
                        ({"rotate": -5}, "data.augment.rotate"), ({"translate": "far"}, "must be a number"),
-                       ([1, 2], "mapping")]:
+                       ([1, 2], "mapping"), ({"rotate": True}, "must be a number, got True"),
+                       ({"translate": 0.6}, r"data.augment.translate=0.6 is out of range: use 0 \(off\) ≤ translate ≤ 0.5")]:
         with pytest.raises(DspError, match=match):
             augment_settings(bad)
     root = write_image_folder(tmp_path / "imgs", n=8)

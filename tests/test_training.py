@@ -90,9 +90,33 @@ def test_lr_schedule_is_per_stage_and_a_typo_names_the_key():
     stages = build_stages(cfg.trainer, build_objective(cfg), model)
     assert [s.lr_schedule for s in stages] == ["cosine", "cosine", "plateau"]
     optimizer = stages[0].make_optimizer(stages[0].parameters(model))
-    assert isinstance(stages[0].make_scheduler(optimizer), torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert isinstance(stages[0].make_scheduler(optimizer), torch.optim.lr_scheduler.LambdaLR)
     with pytest.raises(DspError, match=r"trainer.stages.global.lr_schedule='cosin'.*plateau, cosine"):
         build_stages(compose_cfg("trainer=staged", "trainer.stages.global.lr_schedule=cosin").trainer,
                      build_objective(cfg), model)
     with pytest.raises(DspError, match=r"^trainer.lr_schedule='step'"):
         build_stages(compose_cfg("trainer.lr_schedule=step").trainer, build_objective(cfg), model)
+
+
+def test_a_cosine_run_resumed_with_more_epochs_follows_the_longer_curve(tmp_path):
+    """Resuming a finished 2-epoch cosine stage with stage_epochs=4 continues on the 4-epoch curve
+    (CosineAnnealingLR would restore its 2-epoch period and climb back to lr); resuming it under the
+    plateau schedule is refused with the key to set."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dsp.cli.train import train
+
+    common = ["trainer=default", "trainer.lr_schedule=cosine", "trainer.patience=100", "trainer.progress=false",
+              "inference.max_iter=3", "trainer.batch_size=16", "trainer.lr=1e-3"]
+    run = tmp_path / "run"
+    train(compose_cfg(*common, "trainer.stage_epochs=2"), run)
+    train(compose_cfg(*common, "trainer.stage_epochs=4", "trainer.resume=true"), run)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    logged = {s.step: s.value for s in events.Scalars("lr")}
+    curve = lambda e, n: 1e-3 * (1 + math.cos(math.pi * e / n)) / 2  # noqa: E731
+    assert [logged[e] for e in (1, 2, 3, 4)] == pytest.approx([curve(1, 2), curve(2, 2), curve(3, 4), curve(4, 4)],
+                                                              rel=1e-6, abs=1e-12)
+    with pytest.raises(DspError, match=r"lr_schedule=cosine.*trainer.lr_schedule=cosine"):
+        train(compose_cfg(*[c for c in common if "lr_schedule" not in c], "trainer.stage_epochs=6",
+                          "trainer.resume=true"), run)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from dsp.errors import DspError
 
 KEYS = ("scale", "rotate", "translate", "brightness", "contrast")
-LIMITS = {"scale": 1.0, "rotate": 180.0, "translate": 1.0, "brightness": 1.0, "contrast": 1.0}  # exclusive for scale
+# (scale's limit is exclusive: a zoom factor of 0; a shift beyond half the side leaves mostly border)
+LIMITS = {"scale": 1.0, "rotate": 180.0, "translate": 0.5, "brightness": 1.0, "contrast": 1.0}
 
 
 def augment_settings(augment) -> dict[str, float]:
@@ -42,13 +43,15 @@ def augment_settings(augment) -> dict[str, float]:
         if key not in KEYS:
             raise DspError(f"data.augment.{key}: unknown augmentation; known: {', '.join(KEYS)}")
         try:
+            if isinstance(value, bool):  # (float(True) would be a silent 1)
+                raise TypeError
             out[key] = float(value)
         except (TypeError, ValueError):
             raise DspError(f"data.augment.{key} must be a number, got {value!r}") from None
         limit = LIMITS[key]
         if not (0.0 <= out[key] < limit if key == "scale" else 0.0 <= out[key] <= limit):
-            raise DspError(f"data.augment.{key}={value} is out of range: use 0 (off) up to "
-                           f"{'below ' if key == 'scale' else ''}{limit:g}")
+            raise DspError(f"data.augment.{key}={value} is out of range: use 0 (off) ≤ {key} "
+                           f"{'<' if key == 'scale' else '≤'} {limit:g}")
     return out
 
 
@@ -56,22 +59,23 @@ def _uniform(b: int, magnitude: float, device) -> torch.Tensor:
     return (2 * torch.rand(b, device=device) - 1) * magnitude  # [B] in [-m, m]
 
 
-def affine_matrices(zoom: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def affine_matrices(zoom: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
     """Sampling matrices [B, 2, 3] for F.affine_grid (output coordinates -> input coordinates, both
     (x, y) in [-1, 1]) of the warps that map an input point p to zoom·R(angle)·p + shift: the grid
     samples the input at R(-angle)·(q - shift) / zoom. zoom [B], angle [B] in radians, shift [B, 2]
-    in normalised units (the side is 2)."""
+    in normalised units (the side is 2). aspect = W / H: the rotation is rigid in pixels, so its
+    off-diagonal terms are rescaled between the two normalised axes."""
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    inverse = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # [B, 2, 2] = R(-a)/s
+    inverse = torch.stack([torch.stack([cos, sin / aspect], -1), torch.stack([-sin * aspect, cos], -1)], -2)  # R(-a)/s
     return torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], -1)  # [B, 2, 3]
 
 
-def warp_matrices(b: int, scale: float, rotate: float, translate: float, device=None) -> torch.Tensor:
-    """One random warp per example [B, 2, 3] (module docstring)."""
+def warp_matrices(b: int, scale: float, rotate: float, translate: float, device=None, aspect: float = 1.0) -> torch.Tensor:
+    """One random warp per example [B, 2, 3] (module docstring); aspect = W / H."""
     zoom = 1 + _uniform(b, scale, device)  # [B]
     angle = _uniform(b, rotate, device) * (math.pi / 180)  # [B]
     shift = torch.stack([_uniform(b, translate, device), _uniform(b, translate, device)], -1) * 2  # [B, 2]
-    return affine_matrices(zoom, angle, shift)
+    return affine_matrices(zoom, angle, shift, aspect)
 
 
 def warp(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +91,9 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, settings: dict[str, float]) 
     """Training images x [B, C, H, W] in [0, 1] and masks y [B, H, W] -> augmented copies."""
     b, device = x.shape[0], x.device
     if settings["scale"] or settings["rotate"] or settings["translate"]:
-        x, y = warp(x, y, warp_matrices(b, settings["scale"], settings["rotate"], settings["translate"], device))
+        theta = warp_matrices(b, settings["scale"], settings["rotate"], settings["translate"], device,
+                              aspect=x.shape[-1] / x.shape[-2])
+        x, y = warp(x, y, theta)
     if settings["contrast"]:
         mean = x.mean((1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
         x = (x - mean) * (1 + _uniform(b, settings["contrast"], device)).view(b, 1, 1, 1) + mean

@@ -6,6 +6,7 @@ with those clamped, then everything with a small learning rate.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +51,24 @@ class Stage:
         cosine: from lr down to 0 over the stage's max_epochs (step() once an epoch), for
         fixed-length training where no held-out metric should steer the rate."""
         if self.lr_schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs, eta_min=0.0)
+            # Closed form in the epoch (not CosineAnnealingLR, whose checkpoint carries its length):
+            # a run resumed with more epochs stretches the rest of the curve instead of climbing back.
+            epochs = self.max_epochs
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs)))
         plateau = {"threshold": min_delta, "threshold_mode": "abs"} if min_delta > 0 else {}
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=self.lr_factor, patience=self.lr_patience, **plateau
         )
+
+    def load_scheduler(self, scheduler, state: dict) -> None:
+        """Resume: the checkpoint's schedule must be this stage's (their states do not convert)."""
+        saved = "cosine" if "lr_lambdas" in state else "plateau"
+        if saved != self.lr_schedule:
+            raise DspError(f"stage {self.name!r}: the checkpoint was trained with lr_schedule={saved}, this run "
+                           f"asks for {self.lr_schedule}; resume with trainer.lr_schedule={saved} "
+                           f"(or start a new run folder)")
+        scheduler.load_state_dict(state)
 
     def step_scheduler(self, scheduler, metric: float) -> None:
         if self.lr_schedule == "cosine":

@@ -269,7 +269,7 @@ class Trainer:
         best, bad_epochs, first_epoch, offset = -math.inf, 0, 1, 0
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
+            stage.load_scheduler(scheduler, resume["scheduler"])
             best, bad_epochs, threshold = resume["best_metric"], resume["bad_epochs"], resume["threshold"]
             first_epoch, offset = resume["epoch"] + 1, resume.get("epoch_offset", 0)
         else:
