@@ -64,19 +64,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # and no temporary file is left
 
 
+def logged_rates(run) -> dict[int, float]:
+    """The learning rate the trainer logged after each epoch (TensorBoard tag "lr"), by epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return {s.step: s.value for s in events.Scalars("lr")}
+
+
 def test_cosine_schedule_anneals_the_rate_to_zero_over_the_stage(tmp_path):
     """trainer.lr_schedule=cosine: after epoch e of E the rate is lr·(1 + cos(πe/E))/2, whatever
     validation does, and every stage (the default config has three) starts its own cosine."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from dsp.cli.train import train
 
     cfg = compose_cfg("trainer.lr_schedule=cosine", "trainer.stage_epochs=4", "trainer.patience=100",
                       "trainer.progress=false", "inference.max_iter=3", "trainer.batch_size=16", "trainer.lr=1e-3")
     train(cfg, tmp_path / "run")
-    events = EventAccumulator(str(tmp_path / "run" / "tb"))
-    events.Reload()
-    logged = [s.value for s in events.Scalars("lr")]
+    logged = [rate for _, rate in sorted(logged_rates(tmp_path / "run").items())]
     rates = [s.lr for s in build_stages(cfg.trainer, None, build_model(cfg))]
     assert len(rates) == 3
     cosine = [lr * (1 + math.cos(math.pi * e / 4)) / 2 for lr in rates for e in (1, 2, 3, 4)]
@@ -102,8 +107,6 @@ def test_a_cosine_run_resumed_with_more_epochs_follows_the_longer_curve(tmp_path
     """Resuming a finished 2-epoch cosine stage with stage_epochs=4 continues on the 4-epoch curve
     (CosineAnnealingLR would restore its 2-epoch period and climb back to lr); resuming it under the
     plateau schedule is refused with the key to set."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from dsp.cli.train import train
 
     common = ["trainer=default", "trainer.lr_schedule=cosine", "trainer.patience=100", "trainer.progress=false",
@@ -111,9 +114,7 @@ def test_a_cosine_run_resumed_with_more_epochs_follows_the_longer_curve(tmp_path
     run = tmp_path / "run"
     train(compose_cfg(*common, "trainer.stage_epochs=2"), run)
     train(compose_cfg(*common, "trainer.stage_epochs=4", "trainer.resume=true"), run)
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    logged = {s.step: s.value for s in events.Scalars("lr")}
+    logged = logged_rates(run)
     curve = lambda e, n: 1e-3 * (1 + math.cos(math.pi * e / n)) / 2  # noqa: E731
     assert [logged[e] for e in (1, 2, 3, 4)] == pytest.approx([curve(1, 2), curve(2, 2), curve(3, 4), curve(4, 4)],
                                                               rel=1e-6, abs=1e-12)
