@@ -80,6 +80,21 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(uninterrupt
     assert_same_run(run, uninterrupted)
 
 
+def test_a_run_with_a_weight_average_resumes_exactly(tmp_path):
+    """trainer.ema_decay: the average, its age and the live weights are all in last.pt, so a run
+    killed mid-stage and resumed ends where the uninterrupted one does."""
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert dsp_train(reference, "trainer.ema_decay=0.8").returncode == 0
+    assert dsp_train(run, "trainer.ema_decay=0.8", signal_after_step="19:SIGKILL").returncode == -signal.SIGKILL
+    proc = dsp_train(run, "trainer.ema_decay=0.8", "trainer.resume=true")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(run, reference)
+    got, want = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (run, reference))
+    assert got["ema_updates"] == want["ema_updates"] > 0
+    for key, tensor in want["train_model"].items():
+        assert torch.equal(got["train_model"][key], tensor), key
+
+
 def test_sigterm_saves_mid_epoch_exits_143_and_resumes_exactly(uninterrupted, tmp_path):
     run = tmp_path / "run"
     proc = dsp_train(run, signal_after_step="13:SIGTERM")  # the first batch of global epoch 2

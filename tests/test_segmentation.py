@@ -90,9 +90,11 @@ def test_unet_keeps_the_resolution(size):
     assert UNet(3, 1, base_width=4, depth=0)(x).shape == (2, 1, *size)
 
 
-def test_online_preset_trains_and_evaluates_on_the_fixture(tmp_path):
+@pytest.mark.parametrize("ema", [[], ["trainer.ema_decay=0.9"]], ids=["live", "ema"])
+def test_online_preset_trains_and_evaluates_on_the_fixture(tmp_path, ema):
     """experiment=gcrf_horses_online end to end on the tiny folder: online scaling, checkpoints,
-    dsp-eval's metrics and predictions.npz arrays."""
+    dsp-eval's metrics and predictions.npz arrays; with a weight average, α is chosen for the
+    average and the live weights train with the same α."""
     from hydra import compose, initialize_config_dir
 
     from dsp.cli.common import config_dir
@@ -103,8 +105,12 @@ def test_online_preset_trains_and_evaluates_on_the_fixture(tmp_path):
     root = write_image_folder(tmp_path / "imgs", n=8)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=gcrf_horses_online", *tiny_images_overrides(root),
-                                           "model.pairwise.base_width=4", "model.pairwise.depth=1"])
+                                           "model.pairwise.base_width=4", "model.pairwise.depth=1", *ema])
     metrics = train(cfg, tmp_path / "run")
+    if ema:
+        last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+        assert last["ema_updates"] > 0
+        assert last["train_model"]["unary_scale"] == last["model"]["unary_scale"]
     assert metrics.monitor == "mean_iou" and {"val/mean_iou", "test/global_iou"} <= set(metrics)
     evaluated, arrays = evaluate_run(tmp_path / "run", split="test")
     assert evaluated["test/mean_iou"] == pytest.approx(metrics["test/mean_iou"])

@@ -121,3 +121,47 @@ def test_a_cosine_run_resumed_with_more_epochs_follows_the_longer_curve(tmp_path
     with pytest.raises(DspError, match=r"lr_schedule=cosine.*trainer.lr_schedule=cosine"):
         train(compose_cfg(*[c for c in common if "lr_schedule" not in c], "trainer.stage_epochs=6",
                           "trainer.resume=true"), run)
+
+
+def test_weight_average_follows_the_warmed_up_decay_and_copies_chosen_buffers():
+    """Parameters and BN statistics are averaged with d = min(decay, (1 + n)/(10 + n)); any other
+    buffer (a CRF's α) is copied; a decay outside (0, 1) names the key."""
+    from dsp.training.ema import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    model.register_buffer("unary_scale", torch.tensor(1.0))
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+    ema = WeightAverage(model, decay=0.5)
+    expected = 0.0
+    for n, w in enumerate([1.0, 2.0, 4.0]):
+        with torch.no_grad():
+            model[0].weight.fill_(w)
+            model[1].running_mean.fill_(w)
+            model.unary_scale.fill_(2.0 ** (n + 1))
+        ema.update(model)
+        d = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.1818..., 0.25: still warming up below 0.5
+        expected = d * expected + (1 - d) * w
+    assert ema.module[0].weight.item() == pytest.approx(expected)
+    assert ema.module[1].running_mean.item() == pytest.approx(expected)
+    assert ema.module.unary_scale.item() == 8.0
+    assert ema.module[1].num_batches_tracked.item() == model[1].num_batches_tracked.item()
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(DspError, match=r"trainer.ema_decay=1.0"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_with_ema_best_pt_holds_the_average_and_the_final_metrics_are_its(tmp_path):
+    """trainer.ema_decay: validation, best.pt["model"] and metrics.json are the average's; the
+    live weights travel in best.pt["train_model"] and differ from it."""
+    from dsp.cli.evaluate import evaluate_run
+    from dsp.cli.train import train
+
+    cfg = compose_cfg("trainer=default", "trainer.ema_decay=0.9", "trainer.stage_epochs=3", "trainer.patience=100",
+                      "trainer.progress=false", "inference.max_iter=3", "trainer.batch_size=8", "trainer.lr=0.05")
+    metrics = train(cfg, tmp_path / "run")
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["ema_updates"] > 0
+    assert any(not torch.equal(best["model"][k], v) for k, v in best["train_model"].items())
+    evaluated, _ = evaluate_run(tmp_path / "run")
+    assert evaluated["test/example_f1"] == pytest.approx(metrics["test/example_f1"])

@@ -33,6 +33,7 @@ from dsp.tasks import task_for
 from dsp.training.checkpoint import (load_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state,
                                      write_json)
 from dsp.training.distributed import Single
+from dsp.training.ema import WeightAverage
 from dsp.training.preemption import Preempted, StopRequest, after_step
 from dsp.training.scaling import choose_unary_scale
 from dsp.training.stages import Stage
@@ -112,11 +113,26 @@ class Trainer:
         self.train_seconds = 0.0  # time spent in training steps (validation and probes excluded)
         self._last_val = None  # (out, y, x) of the latest validation, for tasks with figures
         self._stop = StopRequest()  # entered by fit(): SIGTERM asks for a stop at the next safe point
+        # trainer.ema_decay: validation and checkpoints use a moving average of the weights
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.get("ema_decay") is not None else None
+
+    @property
+    def predictor(self) -> torch.nn.Module:
+        """The weights that predict: the moving average under trainer.ema_decay, else the live model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _load_weights(self, weights: dict) -> None:
+        """Make `weights` (a best.pt's) the live model and restart the average from them."""
+        self.model.load_state_dict(weights)
+        if self.ema is not None:
+            self.ema.reset(self.model)
 
     # ----------------------------------------------------------------------------------- eval
     def predict(self, split: str, mode: str):
         x, y = self.splits[split]
-        out, iters = self.task.predict(self.model, self.inference, x, y, self.cfg.eval_batch_size, mode)
+        # inference with learned parts (model.inference, see dsp.build.attach_inference) is averaged too
+        inference = dict(self.predictor.named_children()).get("inference", self.inference)
+        out, iters = self.task.predict(self.predictor, inference, x, y, self.cfg.eval_batch_size, mode)
         return out, y, iters
 
     def validate(self, mode: str):
@@ -134,7 +150,9 @@ class Trainer:
     def _state(self, stage_index, epoch, best, bad_epochs, threshold, optimizer, scheduler, offset=0):
         """Plain values and tensors only: checkpoints load with torch.load(weights_only=True)."""
         return {
-            "model": self.model.state_dict(),
+            "model": self.predictor.state_dict(),  # what predicts (dsp-eval, init_from read this)
+            # trainer.ema_decay: the live weights and the average's age, for resuming
+            **({"train_model": self.model.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "stage_index": stage_index,
@@ -200,7 +218,10 @@ class Trainer:
             raise DspError(f"{last} was written by stage {state['stage']!r}, which this config's "
                            f"trainer.stages does not have at that position; resume with the run's own config")
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(state.get("train_model", state["model"]))
+            if self.ema is not None:  # a checkpoint without an average starts one from its weights
+                self.ema.module.load_state_dict(state["model"])
+                self.ema.updates = state.get("ema_updates", 0)
         except RuntimeError as err:
             raise DspError(f"{last} does not fit the model of this config ({err}); resume with the run's own config") from None
         self.step, self.global_epoch = state["step"], state["global_epoch"]
@@ -273,6 +294,8 @@ class Trainer:
             best, bad_epochs, threshold = resume["best_metric"], resume["bad_epochs"], resume["threshold"]
             first_epoch, offset = resume["epoch"] + 1, resume.get("epoch_offset", 0)
         else:
+            if self.ema is not None:  # each stage averages its own updates
+                self.ema.reset(self.model)
             # The incoming model (epoch 0) is the stage's baseline: a stage that does not improve
             # on the previous one's result leaves it in best.pt.
             metrics, threshold, _ = self.validate(stage.predict)
@@ -342,6 +365,8 @@ class Trainer:
                 if self.cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 self.step += 1
                 self.train_seconds += time.perf_counter() - step_start
                 self._probe(stage, writer)
@@ -360,8 +385,11 @@ class Trainer:
             self.global_epoch += 1
             if self.cfg.get("online_scaling"):  # Algorithm 1 of the scaling paper: α after every epoch
                 scaling = dict(self.cfg.online_scaling)
-                for k, v in choose_unary_scale(self.model, stage.objective, x, y, seed=self.seed, **scaling).items():
+                # α for the weights that predict; the live model trains with it too
+                for k, v in choose_unary_scale(self.predictor, stage.objective, x, y, seed=self.seed, **scaling).items():
                     writer.add_scalar(k, v, self.global_epoch)
+                if self.ema is not None:
+                    self.model.unary_scale.copy_(self.predictor.unary_scale)
                 self.dist.broadcast_module(self.model)  # ddp: rank 0's choice of α everywhere
             metrics, threshold, iters = self.validate(stage.predict)
             metrics, threshold = self.dist.broadcast_object((metrics, threshold))  # ddp: decide alike
@@ -399,6 +427,8 @@ class Trainer:
         if self.main:
             self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
         self.dist.broadcast_module(self.model)  # ddp: rank 0's reloaded weights everywhere
+        if self.ema is not None:  # the next stage averages from these weights
+            self.ema.reset(self.model)
         self.model.requires_grad_(True)
 
     def _check_finite(self, value: float, stage: Stage, epoch: int) -> None:
@@ -492,7 +522,7 @@ class Trainer:
         """Reload best.pt and evaluate val and test with its validation-tuned threshold;
         returns (metrics, best.pt's prediction mode)."""
         state = load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)
-        self.model.load_state_dict(state["model"])
+        self._load_weights(state["model"])
         out = {} if state["threshold"] is None else {"val/threshold": state["threshold"]}
         for split in ("val", "test"):
             pred, y, iters = self.predict(split, state["predict"])

@@ -1,0 +1,53 @@
+"""An exponential moving average of the model's weights (trainer.ema_decay).
+
+With small data and a constant learning rate the weights, and validation with them, swing from
+epoch to epoch; their running average is a smoother predictor that costs one forward pass less than
+an ensemble. Training updates the live weights; validation, best.pt and therefore dsp-eval and
+init_from see the average.
+
+What is averaged: the parameters and the batch-norm running statistics. Every other buffer (a
+CRF's unary scale α set by online scaling, counters) is copied from the live model, since averaging
+a value that is chosen, not learned, would blur the choice.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dsp.errors import DspError
+
+_BN_STATS = ("running_mean", "running_var")
+
+
+class WeightAverage:
+    """w̄ ← d·w̄ + (1 − d)·w after every optimiser step, with d = min(decay, (1 + n)/(10 + n)) after n
+    updates since the last reset, so that the first epochs are not dominated by the initial weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        decay = float(decay)
+        if not 0.0 < decay < 1.0:
+            raise DspError(f"trainer.ema_decay={decay}: choose a value in (0, 1) such as 0.999, or null for no average")
+        self.decay = decay
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        params = {name for name, _ in model.named_parameters()}
+        self._averaged = {name for name, t in model.state_dict().items()
+                          if t.is_floating_point() and (name in params or name.rsplit(".", 1)[-1] in _BN_STATS)}
+        self.updates = 0
+
+    @torch.no_grad()
+    def reset(self, model: torch.nn.Module) -> None:
+        """Start the average again from the model's weights (a new stage, or best.pt reloaded)."""
+        self.module.load_state_dict(model.state_dict())
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        live = model.state_dict()
+        for name, avg in self.module.state_dict().items():
+            if name in self._averaged:
+                avg.lerp_(live[name], 1.0 - decay)
+            else:
+                avg.copy_(live[name])
+        self.updates += 1
