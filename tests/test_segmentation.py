@@ -1,6 +1,8 @@
 """Binary segmentation: IoU metrics on hand cases, the image/mask folder loader, the task, the UNet."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -115,6 +117,61 @@ def test_online_preset_trains_and_evaluates_on_the_fixture(tmp_path, ema):
     evaluated, arrays = evaluate_run(tmp_path / "run", split="test")
     assert evaluated["test/mean_iou"] == pytest.approx(metrics["test/mean_iou"])
     assert arrays["pred"].shape == arrays["target"].shape == arrays["score"].shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_online_scaling_chooses_alpha_on_the_configured_split(tmp_path, monkeypatch, split):
+    """trainer.online_scaling.split: Algorithm 1 scores α on training images; split=val (the ablation)
+    on the validation images, and the α it returns is the model's."""
+    from hydra import compose, initialize_config_dir
+
+    import dsp.training.trainer as trainer_module
+    from dsp.cli.common import config_dir
+    from dsp.cli.train import train
+    from fixtures_images import tiny_images_overrides
+
+    seen = []
+
+    def spy(model, objective, x, y, **kwargs):
+        seen.append(x.shape[0])
+        model.unary_scale.fill_(0.25)
+        return {"scaling/alpha": 0.25}
+
+    monkeypatch.setattr(trainer_module, "choose_unary_scale", spy)
+    root = write_image_folder(tmp_path / "imgs", n=8)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=gcrf_horses_online", *tiny_images_overrides(root),
+                                           "model.pairwise.base_width=4", "model.pairwise.depth=1",
+                                           "trainer.max_epochs=2", "trainer.ema_decay=null",
+                                           f"trainer.online_scaling.split={split}"])
+    train(cfg, tmp_path / "run")
+    from dsp.build import load_run
+
+    data = load_run(tmp_path / "run").data()
+    sizes = {s: data.split(s).tensors[0].shape[0] for s in ("train", "val")}
+    assert sizes["train"] != sizes["val"]
+    assert seen == [sizes[split]] * 2  # once after every epoch, on the configured split
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["model"]["unary_scale"].item() == 0.25
+
+
+@pytest.mark.parametrize("setting, message", [("+trainer.online_scaling.spilt=val", "unknown key(s) ['spilt']"),
+                                              ("trainer.online_scaling.split=test", "use train (Algorithm 1) or val"),
+                                              ("trainer.online_scaling.min_exp=3", "min_exp must not exceed max_exp")])
+def test_bad_online_scaling_settings_are_named_before_training(tmp_path, setting, message):
+    from hydra import compose, initialize_config_dir
+
+    from dsp.cli.common import config_dir
+    from dsp.cli.train import train
+    from fixtures_images import tiny_images_overrides
+
+    root = write_image_folder(tmp_path / "imgs", n=8)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=gcrf_horses_online", *tiny_images_overrides(root),
+                                           "trainer.online_scaling.max_exp=-3", setting])
+    with pytest.raises(DspError, match=re.escape(message)):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_horses64_keeps_the_horses32_protocol_at_four_times_the_pixels(tmp_path):

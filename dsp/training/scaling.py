@@ -12,6 +12,30 @@ from dsp.tasks.sequence import lengths_of
 from dsp.training.predict import eval_mode
 
 
+SETTINGS = {"min_exp", "max_exp", "subset", "batch_size", "split"}
+
+
+def scaling_settings(online_scaling) -> tuple[str, dict]:
+    """Check `trainer.online_scaling` at start-up -> (the split α is chosen on, choose_unary_scale's
+    keyword arguments). split: train (Algorithm 1) or val (held-out images: an ablation that tells
+    whether α chosen on fitted training data is what hurts; with data.val_holdout=false the val
+    images are training images too)."""
+    try:
+        settings = dict(online_scaling)
+    except (TypeError, ValueError):
+        raise DspError("trainer.online_scaling must be a mapping like {min_exp: -8, max_exp: 8, subset: 2000}, "
+                       f"got {online_scaling!r}") from None
+    unknown = set(settings) - SETTINGS
+    if unknown:
+        raise DspError(f"trainer.online_scaling: unknown key(s) {sorted(unknown)}; known: {sorted(SETTINGS)}")
+    split = settings.pop("split", "train")
+    if split not in ("train", "val"):
+        raise DspError(f"trainer.online_scaling.split={split!r}: use train (Algorithm 1) or val")
+    if settings.get("min_exp", -8) > settings.get("max_exp", 8):
+        raise DspError("trainer.online_scaling: min_exp must not exceed max_exp (the grid is 2^min_exp..2^max_exp)")
+    return split, settings
+
+
 def subset_losses(model, objective, x, y, grid: list[float], subset: int = 2000, seed: int = 0,
                   batch_size: int = 512) -> torch.Tensor:
     """L_α (Eq. 19) for every α of `grid` on a fixed random subset of (x, y) -> float64 [len(grid)]."""

@@ -35,7 +35,7 @@ from dsp.training.checkpoint import (load_checkpoint, load_latest, rng_state, sa
 from dsp.training.distributed import Single
 from dsp.training.ema import WeightAverage
 from dsp.training.preemption import Preempted, StopRequest, after_step
-from dsp.training.scaling import choose_unary_scale
+from dsp.training.scaling import choose_unary_scale, scaling_settings
 from dsp.training.stages import Stage
 from dsp.training.warm_start import warm_start
 
@@ -115,6 +115,8 @@ class Trainer:
         self._stop = StopRequest()  # entered by fit(): SIGTERM asks for a stop at the next safe point
         # trainer.ema_decay: validation and checkpoints use a moving average of the weights
         self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.get("ema_decay") is not None else None
+        # trainer.online_scaling: checked now rather than after the first epoch
+        self.scaling = scaling_settings(cfg.online_scaling) if cfg.get("online_scaling") else None
 
     @property
     def predictor(self) -> torch.nn.Module:
@@ -383,10 +385,11 @@ class Trainer:
                     self._save_last(self._state(index, epoch - 1, best, bad_epochs, threshold, optimizer,
                                                 scheduler, offset=start + len(idx)))
             self.global_epoch += 1
-            if self.cfg.get("online_scaling"):  # Algorithm 1 of the scaling paper: α after every epoch
-                scaling = dict(self.cfg.online_scaling)
+            if self.scaling is not None:  # Algorithm 1 of the scaling paper: α after every epoch
+                split, scaling = self.scaling
                 # α for the weights that predict; the live model trains with it too
-                for k, v in choose_unary_scale(self.predictor, stage.objective, x, y, seed=self.seed, **scaling).items():
+                for k, v in choose_unary_scale(self.predictor, stage.objective, *self.splits[split], seed=self.seed,
+                                               **scaling).items():
                     writer.add_scalar(k, v, self.global_epoch)
                 if self.ema is not None:
                     self.model.unary_scale.copy_(self.predictor.unary_scale)
