@@ -13,6 +13,7 @@ from dsp.training.predict import eval_mode
 
 
 SETTINGS = {"min_exp", "max_exp", "subset", "batch_size", "split"}
+MIN_EXP, MAX_EXP = -8, 8  # the paper's grid {2^t, t = -8..8}
 
 
 def scaling_settings(online_scaling) -> tuple[str, dict]:
@@ -31,7 +32,7 @@ def scaling_settings(online_scaling) -> tuple[str, dict]:
     split = settings.pop("split", "train")
     if split not in ("train", "val"):
         raise DspError(f"trainer.online_scaling.split={split!r}: use train (Algorithm 1) or val")
-    if settings.get("min_exp", -8) > settings.get("max_exp", 8):
+    if settings.get("min_exp", MIN_EXP) > settings.get("max_exp", MAX_EXP):
         raise DspError("trainer.online_scaling: min_exp must not exceed max_exp (the grid is 2^min_exp..2^max_exp)")
     return split, settings
 
@@ -55,7 +56,7 @@ def subset_losses(model, objective, x, y, grid: list[float], subset: int = 2000,
     return totals / idx.shape[0]
 
 
-def choose_unary_scale(model, objective, x, y, min_exp: int = -8, max_exp: int = 8, subset: int = 2000,
+def choose_unary_scale(model, objective, x, y, min_exp: int = MIN_EXP, max_exp: int = MAX_EXP, subset: int = 2000,
                        seed: int = 0, batch_size: int = 512) -> dict[str, float]:
     """Set model.unary_scale to the best α of the grid {2^t}; returns the logs (α and its loss)."""
     grid = [2.0 ** t for t in range(min_exp, max_exp + 1)]
