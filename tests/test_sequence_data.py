@@ -7,6 +7,7 @@ from dsp.data.conll import load_conll2000
 from dsp.data.ocr import load_ocr
 from dsp.data.sequences import SequenceSplits, pad_sequences
 from dsp.errors import DspError
+from dsp.tasks.sequence import SequenceTask
 
 # (word_id, fold, letters): two training words (folds 2, 3), one validation, one test word
 WORDS = [(1, 0, "ab"), (2, 2, "xyz"), (3, 1, "q"), (4, 3, "hello")]
@@ -145,6 +146,64 @@ rose VBD B-VP
 yesterday NN B-NP
 . . O
 """
+
+
+# ----------------------------------------------------- OCR letter augmentation (data.augment)
+from dsp.nn.lenet import LeNet  # noqa: E402
+from dsp.tasks import task_for  # noqa: E402
+from dsp.tasks.augment import augment_letters, augment_settings  # noqa: E402
+
+
+def glyphs(n=6):
+    """n 16×8 letters with strokes that touch the frame (a shift must move them, not cut them)."""
+    g = torch.zeros(n, 16, 8)
+    g[:, :, 0] = 1  # left edge column
+    g[:, 15, :] = 1  # bottom row
+    g[:, 3:9, 4] = torch.linspace(0.2, 1, n).view(n, 1)
+    return g
+
+
+def test_letters_without_a_warp_are_the_lenet_input_unchanged():
+    x = glyphs()
+    out = augment_letters(x, augment_settings(None))
+    assert out.shape == (6, 24, 16) and torch.equal(out[:, 4:20, 4:12], x) and out.sum() == x.sum()
+    net = LeNet(26)  # it centres any size: the canvas puts the glyph where the clean letter sits
+    assert torch.allclose(net(out), net(x), atol=1e-6)
+
+
+def test_letter_shifts_move_strokes_without_cutting_them():
+    x = glyphs()
+    torch.manual_seed(0)
+    out = augment_letters(x, augment_settings({"translate": 0.2}))  # up to 3.2 rows and 1.6 columns < margin 4
+    # bilinear resampling of a pure shift keeps every stroke's mass when nothing leaves the canvas
+    assert torch.allclose(out.sum((1, 2)), x.sum((1, 2)), atol=1e-4)
+    assert not torch.equal(out[:, 4:20, 4:12], x)  # and the letters did move
+    torch.manual_seed(0)
+    zoomed = augment_letters(x, augment_settings({"scale": 0.3, "rotate": 20}))
+    assert zoomed.min() >= 0 and zoomed.max() <= 1 + 1e-6 and (zoomed[:, 0] == 0).all()  # ground stays zero
+
+
+def test_ocr_training_batches_are_augmented_and_predictions_are_not(letter_file):
+    data = load_ocr(letter_file, augment={"translate": 0.2})
+    task = task_for(data)
+    assert task.augmenting and data.augment["translate"] == 0.2
+    x, y = data.train.tensors
+    xa, ya = task.batch(x, y)
+    assert xa.shape == (2, 5, 24, 16) and torch.equal(ya, y)
+    assert (xa[y < 0] == 0).all()  # padding positions stay empty
+    assert torch.allclose(xa.sum((2, 3)), x.sum((2, 3)), atol=1e-4)  # one lit pixel per letter, moved
+    xc, yc = task.cut(x, y)
+    assert torch.equal(xc, x) and torch.equal(yc, y)  # the path predict() takes
+    assert not task_for(load_ocr(letter_file)).augmenting  # off by default
+    with pytest.raises(DspError, match="data.augment.shear"):
+        load_ocr(letter_file, augment={"shear": 0.1})
+
+
+def test_augmenting_token_sequences_is_a_clear_error(conll_files):
+    data = load_conll2000(*conll_files, val_fraction=0.25, split_seed=0)
+    task = SequenceTask(data.label_names, {"translate": 0.1})
+    with pytest.raises(DspError, match="drop data.augment"):
+        task.batch(*data.train.tensors)
 
 
 @pytest.fixture

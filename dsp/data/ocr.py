@@ -7,6 +7,10 @@ position order; next_id links each letter to the following one and is -1 at the 
 Splits follow Shevchenko & Osokin (2019, §6.1): fold `val_fold` is validation, fold `test_fold`
 is test and the remaining eight folds are training. Parsing takes well under a second, so unlike
 the Mulan loader there is no HDF5 cache.
+
+`augment` (off by default, as in the paper) warps every training letter afresh each batch: a
+random zoom, rotation and shift (dsp.tasks.augment.augment_letters); validation and test letters
+are never touched.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch.utils.data import TensorDataset
 
 from dsp.data.sequences import SequenceSplits, pad_sequences
 from dsp.errors import DspError
+from dsp.tasks.augment import augment_settings
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HEIGHT, WIDTH = 16, 8
@@ -81,9 +86,11 @@ def parse_letters(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.n
     return np.array(header, dtype=np.int64), pix, np.array(line_numbers)
 
 
-def load_ocr(path: str | os.PathLike, test_fold: int = 1, val_fold: int = 0) -> SequenceSplits:
+def load_ocr(path: str | os.PathLike, test_fold: int = 1, val_fold: int = 0, augment=None) -> SequenceSplits:
     """Load the OCR words: x float32 `[N, T, 16, 8]` (zero-padded), y int64 `[N, T]` letters 0..25
-    (-1-padded). All splits share T, the longest word in the file."""
+    (-1-padded). All splits share T, the longest word in the file. `augment`: training letter
+    warps (module docstring)."""
+    augment = augment_settings(augment)  # checked before the file is read
     for key, fold in (("test_fold", test_fold), ("val_fold", val_fold)):
         if not 0 <= fold < NUM_FOLDS:
             raise DspError(f"data.{key}={fold} is out of range: the OCR data has folds 0..{NUM_FOLDS - 1}")
@@ -132,4 +139,4 @@ def load_ocr(path: str | os.PathLike, test_fold: int = 1, val_fold: int = 0) -> 
         x = pad_sequences([images[starts[i] : ends[i]] for i in chosen], 0.0, max_len)
         y = pad_sequences([labels[starts[i] : ends[i]] for i in chosen], -1, max_len)
         splits[name] = TensorDataset(x, y)
-    return SequenceSplits(**splits, label_names=list(LETTERS), num_features=NUM_PIXELS)
+    return SequenceSplits(**splits, label_names=list(LETTERS), num_features=NUM_PIXELS, augment=augment)

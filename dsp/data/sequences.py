@@ -5,7 +5,7 @@ Labels `y [N, T]` are int64 class indices padded with -1, so a sequence's length
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import TensorDataset
@@ -28,6 +28,7 @@ class SequenceSplits(NamedSplits):
     label_names: list[str]
     num_features: int
     vocab: dict[str, list[str]] | None = None
+    augment: dict = field(default_factory=dict)  # image sequences (OCR): training augmentation (dsp.tasks.augment)
 
     @property
     def num_labels(self) -> int:

@@ -12,7 +12,7 @@ def task_for(data):
     from dsp.tasks.sequence import SequenceTask
 
     if isinstance(data, SequenceSplits):
-        return SequenceTask(data.label_names)
+        return SequenceTask(data.label_names, data.augment)
     if isinstance(data, DenoiseSplits):
         from dsp.tasks.denoising import DenoisingTask
 

@@ -1,5 +1,6 @@
 """Random geometric and photometric augmentation of training images and their masks
-(`data.augment` of the segmentation loaders), vectorised over the batch on the batch's device.
+(`data.augment` of the segmentation loaders) and of OCR letters (`data.augment` of `data=ocr`,
+augment_letters), vectorised over the batch on the batch's device.
 
 Every training example gets its own draw, fresh every batch:
   scale      zoom by a factor uniform in [1 - scale, 1 + scale] (> 1 magnifies)
@@ -78,22 +79,26 @@ def warp_matrices(b: int, scale: float, rotate: float, translate: float, device=
     return affine_matrices(zoom, angle, shift, aspect)
 
 
+def resample(x: torch.Tensor, theta: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """Images x [B, C, H, W] resampled (bilinear) through the grids of theta [B, 2, 3]."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)  # [B, H, W, 2]
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
 def warp(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images x [B, C, H, W] and masks y [B, H, W] resampled through the same grid (theta [B, 2, 3]);
     the mask rounded at 0.5."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)  # [B, H, W, 2]
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    ym = F.grid_sample(y.unsqueeze(1).to(x.dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return x, (ym.squeeze(1) >= 0.5).to(y.dtype)
+    ym = resample(y.unsqueeze(1).to(x.dtype), theta)
+    return resample(x, theta), (ym.squeeze(1) >= 0.5).to(y.dtype)
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, settings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images x [B, C, H, W] in [0, 1] and masks y [B, H, W] -> augmented copies."""
+def geometric(settings: dict[str, float]) -> bool:
+    return bool(settings["scale"] or settings["rotate"] or settings["translate"])
+
+
+def recolour(x: torch.Tensor, settings: dict[str, float]) -> torch.Tensor:
+    """The photometric part of the settings: images x [B, C, H, W] in [0, 1], one draw per image."""
     b, device = x.shape[0], x.device
-    if settings["scale"] or settings["rotate"] or settings["translate"]:
-        theta = warp_matrices(b, settings["scale"], settings["rotate"], settings["translate"], device,
-                              aspect=x.shape[-1] / x.shape[-2])
-        x, y = warp(x, y, theta)
     if settings["contrast"]:
         mean = x.mean((1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
         x = (x - mean) * (1 + _uniform(b, settings["contrast"], device)).view(b, 1, 1, 1) + mean
@@ -101,4 +106,34 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, settings: dict[str, float]) 
         x = x + _uniform(b, settings["brightness"], device).view(b, 1, 1, 1)
     if settings["contrast"] or settings["brightness"]:
         x = x.clamp(0.0, 1.0)
-    return x, y
+    return x
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, settings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images x [B, C, H, W] in [0, 1] and masks y [B, H, W] -> augmented copies."""
+    if geometric(settings):
+        theta = warp_matrices(x.shape[0], settings["scale"], settings["rotate"], settings["translate"], x.device,
+                              aspect=x.shape[-1] / x.shape[-2])
+        x, y = warp(x, y, theta)
+    return recolour(x, settings), y
+
+
+def augment_letters(x: torch.Tensor, settings: dict[str, float]) -> torch.Tensor:
+    """Glyphs x [N, H, W] on a zero ground (OCR letters) -> augmented copies [N, H + 2m, W + 2m], m = H // 4.
+
+    The glyph is first set on a zero canvas with a margin m on every side, so a shift or zoom moves
+    strokes instead of cutting them off at the frame; the warp fills with zeros (the ground), not
+    the border. `translate` stays a fraction of the glyph's own side on each axis. The canvas keeps
+    the glyph's centre, so a network that centres its input (LeNet's padding) sees clean and
+    augmented letters at the same place."""
+    n, (h, w), device = x.shape[0], x.shape[-2:], x.device
+    m = h // 4
+    canvas = F.pad(x, (m, m, m, m)).unsqueeze(1)  # [N, 1, H + 2m, W + 2m]
+    if geometric(settings):
+        zoom = 1 + _uniform(n, settings["scale"], device)
+        angle = _uniform(n, settings["rotate"], device) * (math.pi / 180)
+        side = torch.tensor([w / (w + 2 * m), h / (h + 2 * m)], device=device)  # glyph side / canvas side
+        shift = torch.stack([_uniform(n, settings["translate"], device), _uniform(n, settings["translate"], device)], -1)
+        theta = affine_matrices(zoom, angle, shift * 2 * side, aspect=(w + 2 * m) / (h + 2 * m))
+        canvas = resample(canvas, theta, padding_mode="zeros")
+    return recolour(canvas, settings).squeeze(1)

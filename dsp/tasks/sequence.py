@@ -4,6 +4,9 @@ Lengths are read off the targets' padding: a sequence's length is part of its in
 letters or words it has), never predicted. Prediction is whatever the inference routine returns
 (Viterbi MAP or per-position argmax of marginals); mode="local" takes the argmax of the unaries
 (the unary-only stage of stage training).
+
+Training batches of image sequences (OCR) are augmented when data.augment is set: every valid
+letter gets its own random warp (dsp.tasks.augment.augment_letters); predict() never augments.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import numpy as np
 import torch
 
 from dsp import metrics as M
+from dsp.errors import DspError
+from dsp.tasks.augment import augment_letters, augment_settings
 from dsp.training.predict import eval_mode
 
 
@@ -23,12 +28,27 @@ def is_chunking(label_names) -> bool:
 
 
 class SequenceTask:
-    def __init__(self, label_names):
+    def __init__(self, label_names, augment: dict | None = None):
         self.label_names = [str(n) for n in label_names]
+        self.augment = augment_settings(augment or None)
+        self.augmenting = any(self.augment.values())
         self.chunking = is_chunking(self.label_names)
         self.main_metric = "chunk_f1" if self.chunking else "char_acc"
 
     def batch(self, x, y):
+        """Training: the batch cut to its longest sequence, its letters augmented (data.augment)."""
+        x, y = self.cut(x, y)
+        if self.augmenting:
+            if not x.is_floating_point() or x.dim() != 4:
+                raise DspError(f"data.augment warps letter images [B, T, H, W]; these sequences hold "
+                               f"{tuple(x.shape)} {x.dtype} inputs: drop data.augment")
+            valid = y >= 0  # [B, T]
+            letters = augment_letters(x[valid], self.augment)  # [n, H', W']
+            x = letters.new_zeros(*y.shape, *letters.shape[1:]).index_put((valid,), letters)  # [B, T, H', W']
+        return x, y
+
+    @staticmethod
+    def cut(x, y):
         """Cut a batch's padding to its longest sequence (datasets pad to their longest one)."""
         t = int(lengths_of(y).max())
         return x[:, :t], y[:, :t]
@@ -38,7 +58,7 @@ class SequenceTask:
         outs, iters = [], []
         with eval_mode(model):
             for start in range(0, x.shape[0], batch_size):
-                xb, yb = self.batch(x[start : start + batch_size], y[start : start + batch_size])
+                xb, yb = self.cut(x[start : start + batch_size], y[start : start + batch_size])
                 lengths = lengths_of(yb)
                 with torch.no_grad():
                     feats = model.features(xb, lengths)
