@@ -197,6 +197,8 @@ def test_ocr_training_batches_are_augmented_and_predictions_are_not(letter_file)
     assert not task_for(load_ocr(letter_file)).augmenting  # off by default
     with pytest.raises(DspError, match="data.augment.shear"):
         load_ocr(letter_file, augment={"shear": 0.1})
+    with pytest.raises(DspError, match="data.augment.brightness: OCR letters are binary"):
+        load_ocr(letter_file, augment={"brightness": 0.1})
 
 
 def test_augmenting_token_sequences_is_a_clear_error(conll_files):

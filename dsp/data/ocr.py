@@ -91,6 +91,10 @@ def load_ocr(path: str | os.PathLike, test_fold: int = 1, val_fold: int = 0, aug
     (-1-padded). All splits share T, the longest word in the file. `augment`: training letter
     warps (module docstring)."""
     augment = augment_settings(augment)  # checked before the file is read
+    for key in ("brightness", "contrast"):
+        if augment[key]:
+            raise DspError(f"data.augment.{key}: OCR letters are binary strokes on a zero ground; "
+                           f"only scale, rotate and translate apply")
     for key, fold in (("test_fold", test_fold), ("val_fold", val_fold)):
         if not 0 <= fold < NUM_FOLDS:
             raise DspError(f"data.{key}={fold} is out of range: the OCR data has folds 0..{NUM_FOLDS - 1}")

@@ -71,12 +71,15 @@ def affine_matrices(zoom: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor
     return torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], -1)  # [B, 2, 3]
 
 
-def warp_matrices(b: int, scale: float, rotate: float, translate: float, device=None, aspect: float = 1.0) -> torch.Tensor:
-    """One random warp per example [B, 2, 3] (module docstring); aspect = W / H."""
+def warp_matrices(b: int, scale: float, rotate: float, translate: float, device=None, aspect: float = 1.0,
+                  side=(1.0, 1.0)) -> torch.Tensor:
+    """One random warp per example [B, 2, 3] (module docstring); aspect = W / H. `side` (x, y): the
+    length that `translate` is a fraction of, as a fraction of the image's side on each axis (1:
+    the image itself; less when the object sits on a larger canvas, as augment_letters' glyphs do)."""
     zoom = 1 + _uniform(b, scale, device)  # [B]
     angle = _uniform(b, rotate, device) * (math.pi / 180)  # [B]
-    shift = torch.stack([_uniform(b, translate, device), _uniform(b, translate, device)], -1) * 2  # [B, 2]
-    return affine_matrices(zoom, angle, shift, aspect)
+    shift = torch.stack([_uniform(b, translate, device), _uniform(b, translate, device)], -1)  # [B, 2]
+    return affine_matrices(zoom, angle, shift * 2 * torch.tensor(side, device=device), aspect)
 
 
 def resample(x: torch.Tensor, theta: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
@@ -119,21 +122,18 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, settings: dict[str, float]) 
 
 
 def augment_letters(x: torch.Tensor, settings: dict[str, float]) -> torch.Tensor:
-    """Glyphs x [N, H, W] on a zero ground (OCR letters) -> augmented copies [N, H + 2m, W + 2m], m = H // 4.
+    """Glyphs x [N, H, W] on a zero ground (OCR letters) -> warped copies [N, H + 2m, W + 2m], m = H // 4.
 
     The glyph is first set on a zero canvas with a margin m on every side, so a shift or zoom moves
     strokes instead of cutting them off at the frame; the warp fills with zeros (the ground), not
     the border. `translate` stays a fraction of the glyph's own side on each axis. The canvas keeps
     the glyph's centre, so a network that centres its input (LeNet's padding) sees clean and
-    augmented letters at the same place."""
-    n, (h, w), device = x.shape[0], x.shape[-2:], x.device
+    augmented letters at the same place. Geometric keys only (load_ocr refuses the colour ones)."""
+    (h, w) = x.shape[-2:]
     m = h // 4
     canvas = F.pad(x, (m, m, m, m)).unsqueeze(1)  # [N, 1, H + 2m, W + 2m]
     if geometric(settings):
-        zoom = 1 + _uniform(n, settings["scale"], device)
-        angle = _uniform(n, settings["rotate"], device) * (math.pi / 180)
-        side = torch.tensor([w / (w + 2 * m), h / (h + 2 * m)], device=device)  # glyph side / canvas side
-        shift = torch.stack([_uniform(n, settings["translate"], device), _uniform(n, settings["translate"], device)], -1)
-        theta = affine_matrices(zoom, angle, shift * 2 * side, aspect=(w + 2 * m) / (h + 2 * m))
+        theta = warp_matrices(x.shape[0], settings["scale"], settings["rotate"], settings["translate"], x.device,
+                              aspect=(w + 2 * m) / (h + 2 * m), side=(w / (w + 2 * m), h / (h + 2 * m)))
         canvas = resample(canvas, theta, padding_mode="zeros")
-    return recolour(canvas, settings).squeeze(1)
+    return canvas.squeeze(1)

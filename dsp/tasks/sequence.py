@@ -30,7 +30,7 @@ def is_chunking(label_names) -> bool:
 class SequenceTask:
     def __init__(self, label_names, augment: dict | None = None):
         self.label_names = [str(n) for n in label_names]
-        self.augment = augment_settings(augment or None)
+        self.augment = augment_settings(augment)
         self.augmenting = any(self.augment.values())
         self.chunking = is_chunking(self.label_names)
         self.main_metric = "chunk_f1" if self.chunking else "char_acc"
