@@ -17,6 +17,7 @@ from fixtures_text import write_conll
 from test_word50 import write_word50_sources
 from dsp.cli.common import config_dir
 from dsp.cli.train import train
+from dsp.errors import DspError
 
 TINY_SYNTHETIC = ["data.num_train=64", "data.num_val=32", "data.num_test=48"]
 QUICK = ["trainer.max_epochs=1", "trainer.progress=false", "inference.max_iter=5", "trainer.batch_size=16"]
@@ -143,7 +144,6 @@ class NanAfterLoss:
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    from dsp.errors import DspError
     from dsp.training.checkpoint import load_checkpoint
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -358,3 +358,20 @@ def test_any_dataset_streams_from_an_hdf5_copy_with_the_same_result(tmp_path):
         results[stream] = train(cfg, tmp_path / stream)
     assert (tmp_path / "true" / "data.h5").is_file() and not (tmp_path / "false" / "data.h5").exists()
     assert results["true"]["test/example_f1"] == results["false"]["test/example_f1"]
+
+
+def test_max_time_s_stops_between_epochs_and_still_evaluates_best_pt(tmp_path):
+    """trainer.max_time_s caps the wall clock: a budget spent by the first validation trains no
+    epoch in any stage but still writes best.pt (the incoming model) and the test metrics; an ample
+    one changes nothing; a non-positive one is refused by name."""
+    common = [*QUICK, *TINY_SYNTHETIC, "trainer=staged", "trainer.max_epochs=2", "trainer.patience=100"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        spent = compose("config", overrides=[*common, "trainer.max_time_s=1e-9"])
+        ample = compose("config", overrides=[*common, "trainer.max_time_s=3600"])
+        bad = compose("config", overrides=[*common, "trainer.max_time_s=0"])
+    stopped = train(spent, tmp_path / "spent")
+    assert stopped["train/epochs"] == 0 and "test/example_f1" in stopped
+    assert (tmp_path / "spent" / "checkpoints" / "best.pt").is_file()
+    assert train(ample, tmp_path / "ample")["train/epochs"] == 6  # 3 stages × 2 epochs
+    with pytest.raises(DspError, match="trainer.max_time_s=0"):
+        train(bad, tmp_path / "bad")

@@ -247,6 +247,10 @@ class Trainer:
     # ---------------------------------------------------------------------------------- train
     def fit(self) -> dict:
         self.fit_start = time.time()
+        limit = self.cfg.get("max_time_s")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+            raise DspError(f"trainer.max_time_s={limit!r}: give a positive number of seconds, or null for no limit")
+        self._time_spent_reported = False
         self.target_reached_s = None  # trainer.stop_at: wall time at which validation reached it
         resume = self._resume_state()
         if resume is not None:  # the clock and stop_at's verdict continue from the checkpoint
@@ -264,6 +268,8 @@ class Trainer:
             for i in range(first_stage, len(self.stages)):
                 if self.target_reached_s is not None:
                     break  # trainer.stop_at: good enough, skip the remaining stages
+                if i > 0 and self._out_of_time():  # (stage 0 always writes best.pt, its baseline)
+                    break  # trainer.max_time_s: the remaining stages would not get an epoch
                 self._fit_stage(i, writer, resume if i == first_stage else None)
             metrics = None
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
@@ -322,7 +328,7 @@ class Trainer:
         store = getattr(stage.objective, "store", None) if by_id and getattr(stage.objective, "persistent", False) else None
         for epoch in epochs:
             # (a resumed half epoch is finished first: the uninterrupted run did not stop there)
-            if not offset and (bad_epochs >= stage.patience or self._out_of_steps()):
+            if not offset and (bad_epochs >= stage.patience or self._out_of_steps() or self._out_of_time()):
                 break
             ran += 1
             self.model.train()
@@ -484,6 +490,20 @@ class Trainer:
 
     def _out_of_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _out_of_time(self) -> bool:
+        """trainer.max_time_s is spent: the run's wall clock (validation included, counted across
+        resumes) has reached it. Checked between epochs, so a run overshoots by at most one epoch and
+        its validation; rank 0's clock decides for every ddp rank (their clocks differ slightly)."""
+        limit = self.cfg.get("max_time_s")
+        if limit is None:
+            return False
+        spent = self.dist.broadcast_object(time.time() - self.fit_start >= float(limit))
+        if spent and not self._time_spent_reported:
+            self._time_spent_reported = True
+            self._write(f"trainer.max_time_s={limit} spent after {time.time() - self.fit_start:.1f} s; "
+                        f"stopping and evaluating best.pt")
+        return spent
 
     def _log_epoch(self, writer, stage, metrics, threshold, iters, optimizer) -> None:
         e = self.global_epoch
