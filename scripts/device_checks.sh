@@ -7,13 +7,15 @@
 #
 #   bash scripts/device_checks.sh                      # every step
 #   STEPS="tests unrolled" bash scripts/device_checks.sh
+#   STEPS=dvn DVN_SECONDS=420 bash scripts/device_checks.sh   # issue 4's horses DVN on a time budget (opt-in)
 #   DEVICE=cpu QUICK=1 bash scripts/device_checks.sh   # rehearsal on a CPU (tiny shapes, 1 epoch)
 #
 # The device image has torch, h5py, tensorboard, tqdm and pytest but not hydra-core, omegaconf,
 # antlr4 or liac-arff; carry them (and the benchmark-only references) as pure-Python wheels, made
 # here once:   python -m pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 \
 #                antlr4-python3-runtime==4.9.3 liac-arff==2.5.0 pytorch-crf==0.7.2 torch-struct==0.5
-# and the data the time-to-accuracy step reads:   mkdir -p .data && cp -r ../shared/data/{mulan,ocr} .data/
+# and the data the time-to-accuracy and DVN steps read:
+#   mkdir -p .data && cp -r ../shared/data/{mulan,ocr,weizmann_horse_db} .data/
 # (.whl/ and .data/ are git-ignored; name both in the device tool's `carry`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,10 +64,20 @@ accuracy() {  # time to accuracy (issue 8): SPEN on Bibtex to 44 validation exam
     trainer.progress=false hydra.run.dir="$runs/tta_crf_ocr_stage" $cap  # each prints train/time_to_target_s and its test metric
 }
 
+dvn() {  # issue 4: dvn_horses with many more updates than a CPU affords (the CPU runs: ~2.8k steps of
+  # 4 fresh tuples; the paper ~180k tuples), stopped by a wall-clock budget so it fits one device call.
+  # Opt-in (STEPS=dvn): it takes the call's whole time. DVN_ARGS adds overrides, e.g. trainer.batch_size=16.
+  local cap=${quick:+trainer.max_epochs=1 data.test_crops=1}
+  python3 -m dsp.cli.train experiment=dvn_horses trainer.device="$device" seed=0 trainer.progress=false \
+    trainer.max_time_s="${DVN_SECONDS:-420}" trainer.stage_epochs=100000 hydra.run.dir="$runs/dvn_horses" \
+    $cap ${DVN_ARGS:-}  # prints test mean_iou / global_iou (36 crops averaged) of best.pt
+}
+
 step tests python3 -m pytest -q -rs tests/test_chain.py tests/test_hdf5_stream.py tests/test_bench.py
 step unrolled python3 scripts/bench_unrolled.py --device "$device" ${quick:+--steps 3 --repeats 1 --warmup 0 --batch 1} \
   --json "$out/unrolled.json"
 step suite python3 scripts/bench.py --suite all --device "$device" ${quick:+--quick} --json "$out/bench.json"
 step mrf python3 scripts/bench_mrf.py --device "$device" ${quick:+--iters 2}
 step accuracy accuracy
+step dvn dvn
 exit $failed
