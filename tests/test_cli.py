@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -360,15 +361,39 @@ def test_any_dataset_streams_from_an_hdf5_copy_with_the_same_result(tmp_path):
     assert results["true"]["test/example_f1"] == results["false"]["test/example_f1"]
 
 
-def test_max_time_s_stops_between_epochs_and_still_evaluates_best_pt(tmp_path):
-    """trainer.max_time_s caps the wall clock: a budget spent by the first validation trains no
-    epoch in any stage but still writes best.pt (the incoming model) and the test metrics; an ample
-    one changes nothing; a non-positive one is refused by name."""
+def test_max_time_s_stops_between_epochs_skips_later_stages_and_still_evaluates_best_pt(tmp_path, monkeypatch):
+    """trainer.max_time_s caps the wall clock, validation included. A clock on which every
+    validation takes 1000 s: a 1500 s budget allows the first epoch (baseline validation at 1000 s),
+    is spent after its validation (2000 s), so the two later stages are skipped and best.pt is still
+    evaluated; trainer.max_steps spent after one epoch does the same. A budget spent by the
+    baseline validation trains no epoch; an ample one changes nothing; a non-positive one is
+    refused by name."""
+    import types
+
+    import dsp.training.trainer as trainer_module
+
+    clock = {"offset": 0.0}
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(
+        time=lambda: time.time() + clock["offset"], perf_counter=time.perf_counter))
+    validate = trainer_module.Trainer.validate
+
+    def slow_validate(self, mode):
+        clock["offset"] += 1000.0
+        return validate(self, mode)
+
+    monkeypatch.setattr(trainer_module.Trainer, "validate", slow_validate)
     common = [*QUICK, *TINY_SYNTHETIC, "trainer=staged", "trainer.max_epochs=2", "trainer.patience=100"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        spent = compose("config", overrides=[*common, "trainer.max_time_s=1e-9"])
-        ample = compose("config", overrides=[*common, "trainer.max_time_s=3600"])
+        budget = compose("config", overrides=[*common, "trainer.max_time_s=1500"])
+        spent = compose("config", overrides=[*common, "trainer.max_time_s=500"])
+        ample = compose("config", overrides=[*common, "trainer.max_time_s=1e6"])
         bad = compose("config", overrides=[*common, "trainer.max_time_s=0"])
+        steps = compose("config", overrides=[*common, "trainer.max_steps=4"])  # one epoch of 64 / 16
+    one = train(budget, tmp_path / "budget")
+    assert one["train/epochs"] == 1 and "test/example_f1" in one
+    assert 2000 <= one["train/time_s"] < 3000  # baseline + epoch 1 validations, no later-stage baselines
+    by_steps = train(steps, tmp_path / "steps")  # trainer.max_steps shares the stage skipping
+    assert by_steps["train/epochs"] == 1 and 2000 <= by_steps["train/time_s"] < 3000
     stopped = train(spent, tmp_path / "spent")
     assert stopped["train/epochs"] == 0 and "test/example_f1" in stopped
     assert (tmp_path / "spent" / "checkpoints" / "best.pt").is_file()

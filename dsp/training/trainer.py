@@ -268,8 +268,8 @@ class Trainer:
             for i in range(first_stage, len(self.stages)):
                 if self.target_reached_s is not None:
                     break  # trainer.stop_at: good enough, skip the remaining stages
-                if i > 0 and self._out_of_time():  # (stage 0 always writes best.pt, its baseline)
-                    break  # trainer.max_time_s: the remaining stages would not get an epoch
+                if i > first_stage and self._out_of_budget():
+                    break  # max_steps / max_time_s spent: a later stage would only re-validate its baseline
                 self._fit_stage(i, writer, resume if i == first_stage else None)
             metrics = None
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
@@ -328,7 +328,7 @@ class Trainer:
         store = getattr(stage.objective, "store", None) if by_id and getattr(stage.objective, "persistent", False) else None
         for epoch in epochs:
             # (a resumed half epoch is finished first: the uninterrupted run did not stop there)
-            if not offset and (bad_epochs >= stage.patience or self._out_of_steps() or self._out_of_time()):
+            if not offset and (bad_epochs >= stage.patience or self._out_of_budget()):
                 break
             ran += 1
             self.model.train()
@@ -490,6 +490,10 @@ class Trainer:
 
     def _out_of_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _out_of_budget(self) -> bool:
+        """trainer.max_steps or trainer.max_time_s is spent (checked between epochs)."""
+        return self._out_of_steps() or self._out_of_time()
 
     def _out_of_time(self) -> bool:
         """trainer.max_time_s is spent: the run's wall clock (validation included, counted across
