@@ -168,3 +168,26 @@ def test_with_ema_best_pt_holds_the_average_and_the_final_metrics_are_its(tmp_pa
     assert evaluated["test/example_f1"] == pytest.approx(metrics["test/example_f1"])
     on_val, _ = evaluate_run(tmp_path / "run", split="val")
     assert on_val["val/example_f1"] == pytest.approx(best["best_metric"])
+
+
+def test_the_probe_scores_the_same_examples_every_time_even_when_batches_augment():
+    """trainer.probe_every compares the objective over training time, so its examples must not be
+    re-augmented at each probe (task.batch draws fresh warps or noise on every call)."""
+    from types import SimpleNamespace
+
+    from dsp.training.trainer import Trainer
+
+    seen = []
+    trainer = Trainer.__new__(Trainer)  # only what _probe reads
+    trainer.cfg = {"probe_every": 1, "probe_size": 3}
+    trainer.step, trainer.main, trainer.train_seconds, trainer._probe_batch = 1, True, 0.0, None
+    trainer.model = None
+    trainer.splits = {"train": (torch.zeros(5, 2), torch.zeros(5))}
+    trainer.task = SimpleNamespace(batch=lambda x, y: (x + torch.randn_like(x), y))  # augments on every call
+    probe = lambda model, x, y: seen.append(x.clone()) or {"nll_converged": x.sum().item()}
+    stage = SimpleNamespace(objective=SimpleNamespace(probe=probe))
+    writer = SimpleNamespace(add_scalar=lambda *a: None)
+    trainer._probe(stage, writer)
+    trainer._probe(stage, writer)
+    assert seen[0].shape == (3, 2) and seen[0].abs().sum() > 0
+    assert torch.equal(seen[0], seen[1])

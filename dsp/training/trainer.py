@@ -112,6 +112,7 @@ class Trainer:
         self.global_epoch = 0
         self.train_seconds = 0.0  # time spent in training steps (validation and probes excluded)
         self._last_val = None  # (out, y, x) of the latest validation, for tasks with figures
+        self._probe_batch = None  # the probe's fixed examples, drawn on first use
         self._stop = StopRequest()  # entered by fit(): SIGTERM asks for a stop at the next safe point
         # trainer.ema_decay: validation and checkpoints use a moving average of the weights
         self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.get("ema_decay") is not None else None
@@ -474,9 +475,11 @@ class Trainer:
         probe = getattr(stage.objective, "probe", None)
         if not every or probe is None or self.step % every or not self.main:
             return
-        x, y = (t[: self.cfg.get("probe_size") or 1000] for t in self.splits["train"])
+        if self._probe_batch is None:  # drawn once: task.batch may augment, and the probe compares steps
+            x, y = (t[: self.cfg.get("probe_size") or 1000] for t in self.splits["train"])
+            self._probe_batch = self.task.batch(x, y)
         with torch.no_grad():
-            values = probe(self.model, *self.task.batch(x, y))
+            values = probe(self.model, *self._probe_batch)
         writer.add_scalar("time/train_s", self.train_seconds, self.step)
         for k, v in values.items():
             writer.add_scalar(f"train/{k}", v, self.step)
