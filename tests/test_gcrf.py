@@ -2,14 +2,19 @@
 online scaling and a few training steps on the tiny image fixture."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from dsp.errors import DspError
 from dsp.inference.cg import (GCRFInference, conjugate_gradient, effective_lambda, gcrf_solve, low_rank_matvec,
                               potts_solve)
 from dsp.models.gcrf import GaussianCRF, mean_abs_gram
 from dsp.nn.unet import UNet
 from dsp.objectives.segmentation import SegmentationCrossEntropy, UnaryCrossEntropy
+from dsp.tasks.oracles import soft_iou
 from dsp.training.scaling import choose_unary_scale
 from fixtures_images import write_image_folder
 
@@ -215,3 +220,40 @@ def test_unit_gain_is_lambda_eff_times_the_plain_solve_and_passes_orthogonal_una
     model = GaussianCRF(torch.nn.Identity(), lambda _: emb_o.transpose(1, 2).reshape(2, 2, 3, 3), lam=0.5,
                         cg_tol=1e-12, lam_margin=1.0, unit_gain=True)
     torch.testing.assert_close(model.features(u).solve()[0], u[:, 0])
+
+
+def test_soft_iou_term_adds_one_minus_the_soft_iou_per_image():
+    # Two 1×2 images. Logits 0 and ln 3 give σ = 1/2 and 3/4.
+    # Image 1, mask [1, 0]: ∩ = min(1/2,1) + min(3/4,0) = 1/2, ∪ = 1 + 3/4 → IoU = 2/7.
+    # Image 2, mask [1, 1]: ∩ = 1/2 + 3/4 = 5/4, ∪ = 2 → IoU = 5/8.
+    logits = torch.tensor([[[0.0, math.log(3.0)]], [[0.0, math.log(3.0)]]])
+    y = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])
+    ce = F.binary_cross_entropy_with_logits(logits, y)
+    plain = SegmentationCrossEntropy().logit_loss(logits, y)
+    weighted = SegmentationCrossEntropy(iou_weight=2.0).logit_loss(logits, y)
+    assert plain.item() == pytest.approx(ce.item())
+    expected = ce.item() + 2.0 * ((1 - 2 / 7) + (1 - 5 / 8)) / 2
+    assert weighted.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_with_the_soft_iou_term_raises_the_soft_iou(tmp_path):
+    x, y = fixture_batch(tmp_path)
+    model, objective = tiny_model(), SegmentationCrossEntropy(iou_weight=1.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def batch_iou():
+        with torch.no_grad():
+            return soft_iou(torch.sigmoid(model.features(x).solve()[0]), y).mean().item()
+
+    before = batch_iou()
+    for _ in range(15):
+        loss, _ = objective.loss(model, None, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert batch_iou() > before + 0.1, (before, batch_iou())
+
+
+def test_soft_iou_weight_must_be_non_negative():
+    with pytest.raises(DspError, match="objective.iou_weight"):
+        SegmentationCrossEntropy(iou_weight=-1)

@@ -4,11 +4,18 @@ The cross-entropy of Eq. 5 on the two-class "marginals" of Eq. 14, σ(s*), avera
 the gradient reaches the unary and pairwise networks through the CG backward pass of Eq. 15.
 Each objective scores GCRFPotentials against masks y [B, H, W] (0/1 floats), so online scaling
 can re-evaluate it for other unary scales α without re-running the networks.
+
+`iou_weight` (0 = the paper) adds w · (1 − soft IoU) per image, the soft IoU of DVN Eq. 6/9 on
+σ(s): the test metric averages IoU over images, so a small horse's pixels count for more there
+than in the per-pixel cross-entropy. Not in Shevchenko & Osokin; an option to screen.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from dsp.errors import DspError
+from dsp.tasks.oracles import soft_iou
 
 
 class SegmentationCrossEntropy:
@@ -17,12 +24,24 @@ class SegmentationCrossEntropy:
 
     prediction = "inference"
 
+    def __init__(self, iou_weight: float = 0.0):
+        if not iou_weight >= 0:
+            raise DspError(f"objective.iou_weight={iou_weight}: the soft-IoU term's weight must be ≥ 0 (0 = off)")
+        self.iou_weight = float(iou_weight)
+
+    def logit_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of foreground logits [B, H, W] against masks, plus the optional IoU term."""
+        loss = F.binary_cross_entropy_with_logits(logits, y)
+        if self.iou_weight:
+            loss = loss + self.iou_weight * (1 - soft_iou(torch.sigmoid(logits), y)).mean()
+        return loss
+
     def loss(self, model, inference, x, y):
         s, iterations, _ = model.features(x).solve()  # [B, H, W]
-        return F.binary_cross_entropy_with_logits(s, y), {"cg_iterations": iterations}
+        return self.logit_loss(s, y), {"cg_iterations": iterations}
 
     def loss_on(self, feats, y) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(feats.solve()[0], y)
+        return self.logit_loss(feats.solve()[0], y)
 
 
 class UnaryCrossEntropy(SegmentationCrossEntropy):
@@ -35,4 +54,4 @@ class UnaryCrossEntropy(SegmentationCrossEntropy):
         return self.loss_on(model.features(x), y), {}
 
     def loss_on(self, feats, y) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(feats.unary, y)
+        return self.logit_loss(feats.unary, y)
