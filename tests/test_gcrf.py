@@ -254,6 +254,7 @@ def test_training_with_the_soft_iou_term_raises_the_soft_iou(tmp_path):
     assert batch_iou() > before + 0.1, (before, batch_iou())
 
 
-def test_soft_iou_weight_must_be_non_negative():
+@pytest.mark.parametrize("weight", [-1, "abc", None])
+def test_soft_iou_weight_must_be_a_non_negative_number(weight):
     with pytest.raises(DspError, match="objective.iou_weight"):
-        SegmentationCrossEntropy(iou_weight=-1)
+        SegmentationCrossEntropy(iou_weight=weight)

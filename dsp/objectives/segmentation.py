@@ -25,9 +25,12 @@ class SegmentationCrossEntropy:
     prediction = "inference"
 
     def __init__(self, iou_weight: float = 0.0):
-        if not iou_weight >= 0:
-            raise DspError(f"objective.iou_weight={iou_weight}: the soft-IoU term's weight must be ≥ 0 (0 = off)")
-        self.iou_weight = float(iou_weight)
+        try:
+            self.iou_weight = float(iou_weight)
+        except (TypeError, ValueError):
+            self.iou_weight = float("nan")
+        if not self.iou_weight >= 0:
+            raise DspError(f"objective.iou_weight={iou_weight!r}: the soft-IoU term's weight must be a number ≥ 0 (0 = off)")
 
     def logit_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of foreground logits [B, H, W] against masks, plus the optional IoU term."""
