@@ -169,18 +169,24 @@ def fixture_batch(tmp_path, size=16):
     return data.split("train").tensors
 
 
-@pytest.mark.parametrize("objective", [SegmentationCrossEntropy(), UnaryCrossEntropy()])
-def test_a_few_training_steps_reduce_the_loss(tmp_path, objective):
-    x, y = fixture_batch(tmp_path)
-    model = tiny_model()
+def train_steps(model, objective, x, y, steps=15):
+    """Adam steps on one batch -> (the loss before each step, the last step's logs)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(15):
+    for _ in range(steps):
         loss, logs = objective.loss(model, None, x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses, logs
+
+
+@pytest.mark.parametrize("objective", [SegmentationCrossEntropy(), UnaryCrossEntropy()])
+def test_a_few_training_steps_reduce_the_loss(tmp_path, objective):
+    x, y = fixture_batch(tmp_path)
+    model = tiny_model()
+    losses, logs = train_steps(model, objective, x, y)
     assert losses[-1] < 0.7 * losses[0], losses
     if isinstance(objective, UnaryCrossEntropy):
         assert all(p.grad is None for p in model.pairwise.parameters())
@@ -238,19 +244,14 @@ def test_soft_iou_term_adds_one_minus_the_soft_iou_per_image():
 
 def test_training_with_the_soft_iou_term_raises_the_soft_iou(tmp_path):
     x, y = fixture_batch(tmp_path)
-    model, objective = tiny_model(), SegmentationCrossEntropy(iou_weight=1.0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model = tiny_model()
 
     def batch_iou():
         with torch.no_grad():
             return soft_iou(torch.sigmoid(model.features(x).solve()[0]), y).mean().item()
 
     before = batch_iou()
-    for _ in range(15):
-        loss, _ = objective.loss(model, None, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model, SegmentationCrossEntropy(iou_weight=1.0), x, y)
     assert batch_iou() > before + 0.1, (before, batch_iou())
 
 
