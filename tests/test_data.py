@@ -81,3 +81,28 @@ def test_single_file_dataset_gets_a_fixed_test_split(tiny_mulan):
     assert torch.equal(a.test.tensors[0], b.test.tensors[0])
     with pytest.raises(DspError, match="test_size"):
         load_mulan(str(tr), None, str(xml), cache_dir="")
+
+
+def test_standardize_uses_training_statistics_by_hand():
+    from torch.utils.data import TensorDataset
+
+    from dsp.data.mulan import standardized
+
+    y = torch.zeros(2, 1)
+    train = TensorDataset(torch.tensor([[1.0, 5.0], [3.0, 5.0]]), y)  # means 2, 5; population stds 1, 0
+    test = TensorDataset(torch.tensor([[4.0, 6.0]]), y[:1])
+    tr, te = standardized(train, test)
+    assert torch.allclose(tr.tensors[0], torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), atol=1e-5)
+    # test features use the training mean and std; the constant feature is scaled by 1e-6, not divided by 0
+    assert torch.allclose(te.tensors[0], torch.tensor([[2.0, 1e6]]), rtol=1e-4)
+    assert te.tensors[1] is test.tensors[1]
+
+
+def test_load_mulan_standardize(tiny_mulan):
+    plain = load_mulan(*map(str, tiny_mulan), cache_dir="")
+    std = load_mulan(*map(str, tiny_mulan), cache_dir="", standardize=True)
+    x = std.train.tensors[0]
+    assert torch.allclose(x.mean(0), torch.zeros(x.shape[1]), atol=1e-5)
+    varying = plain.train.tensors[0].std(0) > 0
+    assert torch.allclose(x.std(0, unbiased=False)[varying], torch.ones(int(varying.sum())), atol=1e-4)
+    assert torch.equal(std.test.tensors[1], plain.test.tensors[1])

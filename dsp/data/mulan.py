@@ -136,11 +136,15 @@ def load_mulan(
     split_seed: int = 0,
     cache_dir: str | None = None,
     test_size: float | int | None = None,
+    standardize: bool = False,
 ) -> MultiLabelSplits:
     """Load a Mulan dataset: official train/test files, validation carved from train.
 
     A dataset that Mulan ships as one file (bookmarks) gives `test=None` and `test_size`: a count
     or a fraction of the examples held out as the test split with a fixed seed.
+    `standardize=True` shifts and scales every feature by its mean and standard deviation over the
+    training split (validation and test use the training statistics), as the DVN authors' released
+    code does.
     """
     label_names = read_label_names(labels_xml) if labels_xml else None
     arrays = {}
@@ -166,4 +170,18 @@ def load_mulan(
     train_ds, val_ds = holdout(*arrays["train"], val_fraction, split_seed)
     from torch.utils.data import TensorDataset
 
-    return MultiLabelSplits(train_ds, val_ds, TensorDataset(*arrays["test"]), lnames)
+    test_ds = TensorDataset(*arrays["test"])
+    if standardize:
+        train_ds, val_ds, test_ds = standardized(train_ds, val_ds, test_ds)
+    return MultiLabelSplits(train_ds, val_ds, test_ds, lnames)
+
+
+def standardized(train, *others):
+    """(x - mean) / std per feature with the statistics of `train` (population std + 1e-6, so a
+    feature that is constant on train maps to 0 instead of dividing by zero); labels unchanged."""
+    from torch.utils.data import TensorDataset
+
+    x = train.tensors[0]  # [N, D]
+    mean = x.mean(0, keepdim=True)  # [1, D]
+    std = x.std(0, unbiased=False, keepdim=True) + 1e-6  # [1, D]
+    return tuple(TensorDataset((d.tensors[0] - mean) / std, *d.tensors[1:]) for d in (train, *others))
