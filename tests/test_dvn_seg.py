@@ -43,6 +43,21 @@ def test_paper_architecture_has_figure_2_layers_and_about_2_5m_parameters_on_24p
     assert 2.3e6 < n < 2.6e6  # "2.5 million network parameters" (§1)
 
 
+def test_batch_norm_option_sits_between_each_conv_and_its_relu_and_keeps_the_value_gradient_exact():
+    torch.manual_seed(0)
+    model = SegmentationValueNetwork(in_channels=3, size=6, unary={**TINY, "norm": "batch"}, hidden=(8, 4),
+                                     dropout=0.0).double()
+    kinds = [type(m).__name__ for m in model.conv.net]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"] * 2
+    model.train()(torch.rand(5, 3, 6, 6, dtype=torch.float64), torch.rand(5, 6, 6, dtype=torch.float64))
+    model.eval()  # ascent runs on the running statistics: each example's value is its own
+    feats = model.features(torch.rand(2, 3, 6, 6, dtype=torch.float64))
+    y = torch.rand(2, 36, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: model.value(t, feats), (y,), eps=1e-6, atol=1e-7)
+    with pytest.raises(DspError, match="model.unary.norm"):
+        SegmentationValueNetwork(in_channels=3, size=6, unary={**TINY, "norm": "layer"})
+
+
 def test_value_shapes_and_range():
     model = tiny_dvn().eval()
     x = torch.rand(3, 3, 8, 8)

@@ -34,16 +34,23 @@ from dsp.errors import DspError
 
 class ConvLayers(nn.Module):
     """`depth` 5×5 convolutions with ReLU: base_width filters at stride 1, then 2·base_width
-    filters at stride 2 (Figure 2 with depth=3: 64, 128, 128 filters, strides 1, 2, 2)."""
+    filters at stride 2 (Figure 2 with depth=3: 64, 128, 128 filters, strides 1, 2, 2).
+    norm="batch" puts a BatchNorm2d between each convolution and its ReLU (not in the paper's
+    text; the public PyTorch reproduction of the DVN's horses has it)."""
 
-    def __init__(self, in_channels: int, base_width: int = 64, depth: int = 3, kernel_size: int = 5):
+    def __init__(self, in_channels: int, base_width: int = 64, depth: int = 3, kernel_size: int = 5,
+                 norm: str | None = None):
         super().__init__()
         if depth < 1 or base_width < 1 or kernel_size < 1 or kernel_size % 2 == 0:
             raise DspError("model.unary: depth and base_width must be >= 1 and kernel_size odd")
+        if norm not in (None, "batch"):
+            raise DspError(f"model.unary.norm={norm!r}: choose null (none, Figure 2) or 'batch'")
         layers, c = [], in_channels
         for i in range(depth):
             out = base_width if i == 0 else 2 * base_width
-            layers += [nn.Conv2d(c, out, kernel_size, stride=1 if i == 0 else 2, padding=kernel_size // 2), nn.ReLU()]
+            layers.append(nn.Conv2d(c, out, kernel_size, stride=1 if i == 0 else 2, padding=kernel_size // 2))
+            layers += [nn.BatchNorm2d(out)] if norm == "batch" else []
+            layers.append(nn.ReLU())
             c = out
         self.net = nn.Sequential(*layers)
         self.out_channels = c
