@@ -201,6 +201,7 @@ def test_presets_wire_the_paper_settings(preset):
     assert cfg.data._target_.endswith("load_horses")
     # §5.2: random crops for training, masks averaged over 36 crops at test time, for both
     assert (cfg.data.crop, cfg.data.test_crops, cfg.data.combine) == (24, 36, "average")
+    assert cfg.model.unary.norm == "batch"  # the same conv layers in both (§5.2), with BatchNorm
     if preset == "dvn_horses":
         assert cfg.model._target_.endswith("SegmentationValueNetwork") and cfg.model.size == 24
         assert cfg.objective.oracle == "iou" and cfg.inference.init_value == 0.0
