@@ -106,3 +106,5 @@ def test_load_mulan_standardize(tiny_mulan):
     varying = plain.train.tensors[0].std(0) > 0
     assert torch.allclose(x.std(0, unbiased=False)[varying], torch.ones(int(varying.sum())), atol=1e-4)
     assert torch.equal(std.test.tensors[1], plain.test.tensors[1])
+    with pytest.raises(DspError, match="data.standardize"):
+        load_mulan(*map(str, tiny_mulan), cache_dir="", standardize="yes")

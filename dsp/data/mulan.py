@@ -146,6 +146,8 @@ def load_mulan(
     training split (validation and test use the training statistics), as the DVN authors' released
     code does.
     """
+    if not isinstance(standardize, bool):
+        raise DspError(f"data.standardize={standardize!r}: choose true or false")
     label_names = read_label_names(labels_xml) if labels_xml else None
     arrays = {}
     files = (("train", train),) if test is None else (("train", train), ("test", test))
