@@ -54,6 +54,8 @@ def test_batch_norm_option_sits_between_each_conv_and_its_relu_and_keeps_the_val
     feats = model.features(torch.rand(2, 3, 6, 6, dtype=torch.float64))
     y = torch.rand(2, 36, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: model.value(t, feats), (y,), eps=1e-6, atol=1e-7)
+    alone = model.value(y[:1], model.features(feats.features[:1]))
+    assert torch.allclose(alone, model.value(y, feats)[:1])  # no batch statistics in eval mode
     with pytest.raises(DspError, match="model.unary.norm"):
         SegmentationValueNetwork(in_channels=3, size=6, unary={**TINY, "norm": "layer"})
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import arff
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from dsp.data.cache import cached_arrays
 from dsp.data.splits import MultiLabelSplits, holdout
@@ -170,8 +171,6 @@ def load_mulan(
             f"{arrays['test'][0].shape[1]}; they must come from the same dataset"
         )
     train_ds, val_ds = holdout(*arrays["train"], val_fraction, split_seed)
-    from torch.utils.data import TensorDataset
-
     test_ds = TensorDataset(*arrays["test"])
     if standardize:
         train_ds, val_ds, test_ds = standardized(train_ds, val_ds, test_ds)
@@ -179,11 +178,11 @@ def load_mulan(
 
 
 def standardized(train, *others):
-    """(x - mean) / std per feature with the statistics of `train` (population std + 1e-6, so a
-    feature that is constant on train maps to 0 instead of dividing by zero); labels unchanged."""
-    from torch.utils.data import TensorDataset
-
+    """(x - mean) / std per feature with the statistics of `train` (population std); labels unchanged.
+    A feature constant on train is only centred: the released code's std + 1e-6 would multiply a
+    value it takes elsewhere (a word never seen in training) by a million."""
     x = train.tensors[0]  # [N, D]
     mean = x.mean(0, keepdim=True)  # [1, D]
-    std = x.std(0, unbiased=False, keepdim=True) + 1e-6  # [1, D]
+    std = x.std(0, unbiased=False, keepdim=True)  # [1, D]
+    std = torch.where(std > 0, std, torch.ones_like(std))
     return tuple(TensorDataset((d.tensors[0] - mean) / std, *d.tensors[1:]) for d in (train, *others))
