@@ -18,7 +18,7 @@ from pathlib import Path
 from dsp.build import load_run
 from dsp.errors import DspError
 from dsp.tasks import task_for
-from dsp.tasks.segmentation import crop_grid, take_crops
+from dsp.tasks.segmentation import SegmentationTask, crop_grid, take_crops
 from dsp.tasks.value_diagnosis import value_diagnosis
 
 COLUMNS = ("mean_iou", "exact", "value_error", "search_error", "v_truth", "v_pred", "v_pred_abs_error",
@@ -29,7 +29,10 @@ def crops_of(run, split: str, count: int):
     """The split's images and masks cut into the run's crop grid: [N·K, C, c, c], [N·K, c, c]."""
     data = run.data()
     x, y = data.split(split).tensors
-    crop = task_for(data).crop
+    task = task_for(data)
+    if not isinstance(task, SegmentationTask):
+        raise DspError(f"{type(task).__name__}: the diagnosis is for segmentation runs (data=horses32)")
+    crop = task.crop
     if crop is None:
         return x, y
     corners = crop_grid(tuple(x.shape[-2:]), crop, count)
