@@ -71,7 +71,8 @@ def test_oracle_value_with_too_little_ascent_is_a_search_error():
 
 
 def test_a_value_preferring_the_all_ones_mask_is_a_value_error():
-    # ∂v/∂ȳ_i = 1/16, so two steps of 20 reach ŷ = 1 everywhere: IoU = |y*| / 16 = 4/16, 6/16; v(ŷ) = 1 ≥ v(y*) = the same fractions
+    # ∂v/∂ȳ_i = 1/16, so two steps of 20 reach ŷ = 1 everywhere: IoU = |y*| / 16 = 4/16, 6/16;
+    # v(ŷ) = 1 ≥ v(y*) = the same fractions
     x, y = masks()
     d = value_diagnosis(HandValue("ones"), ascent(lr=20.0, steps=2), x, y)
     assert d["value_error"] == 100 and d["exact"] == 0 and d["search_error"] == 0
