@@ -58,7 +58,7 @@ def main() -> int:
         except DspError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(f"| {run_dir} | {int(d['crops'])} | " + " | ".join(f"{d[k]:.2f}" for k in COLUMNS) + " |")
+        print(f"| {run_dir} | {d['crops']} | " + " | ".join(f"{d[k]:.2f}" for k in COLUMNS) + " |")
     return 0
 
 

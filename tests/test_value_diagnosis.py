@@ -100,6 +100,7 @@ def test_the_script_prints_a_row_per_run_and_refuses_a_missing_run(tmp_path):
     row = [c.strip() for c in proc.stdout.strip().splitlines()[-1].split("|")[1:-1]]
     assert int(row[1]) == 4 * 4  # images 1-4 train (5-6 are held out for validation), 4 crops each
     exact, value_error, search_error = (float(c) for c in row[3:6])
+    # three separately counted masks: they must partition the crops (a NaN value would fall in none)
     assert exact + value_error + search_error == pytest.approx(100, abs=0.02)
     missing = subprocess.run([*script, str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

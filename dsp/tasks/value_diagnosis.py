@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from dsp.tasks.oracles import soft_iou
+from dsp.tasks.segmentation import decode
 from dsp.training.predict import eval_mode
 
 
@@ -25,18 +26,18 @@ def _values(model, y: torch.Tensor, feats) -> torch.Tensor:
     return model.value(y, feats)
 
 
-def value_diagnosis(model, inference, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
+def value_diagnosis(model, inference, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> dict[str, float | int]:
     """Diagnose inputs x [N, C, h, w] with truths y [N, h, w] ∈ {0, 1} at the model's input size.
     Percentages of crops (exact, value_error, search_error; they sum to 100) and means of values
     and IoUs in percent."""
-    rows = {k: [] for k in ("iou", "v_truth", "v_pred", "exact", "value_error", "iou_from_truth")}
+    rows = {k: [] for k in ("iou", "v_truth", "v_pred", "exact", "value_error", "search_error", "iou_from_truth")}
     with eval_mode(model):
         for start in range(0, x.shape[0], batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size].float()
             with torch.no_grad():
                 feats = model.features(xb)
-            pred = (inference(model, feats).y.view_as(yb) >= 0.5).float()  # [B, h, w]
-            from_truth = (inference(model, feats, y0=yb).y.view_as(yb) >= 0.5).float()  # does y* stay?
+            pred = decode(inference(model, feats).y.view_as(yb)).float()  # [B, h, w]
+            from_truth = decode(inference(model, feats, y0=yb).y.view_as(yb)).float()  # does y* stay?
             v_truth, v_pred = _values(model, yb, feats), _values(model, pred, feats)  # [B], [B]
             exact = (pred == yb).flatten(1).all(1)  # [B]
             rows["iou"].append(soft_iou(pred, yb))
@@ -44,15 +45,15 @@ def value_diagnosis(model, inference, x: torch.Tensor, y: torch.Tensor, batch_si
             rows["v_pred"].append(v_pred)
             rows["exact"].append(exact)
             rows["value_error"].append(~exact & (v_pred >= v_truth))
+            rows["search_error"].append(~exact & (v_pred < v_truth))
             rows["iou_from_truth"].append(soft_iou(from_truth, yb))
     r = {k: torch.cat(v).double() for k, v in rows.items()}
-    exact, value_error = 100 * r["exact"].mean().item(), 100 * r["value_error"].mean().item()
     return {
-        "crops": float(x.shape[0]),
+        "crops": x.shape[0],
         "mean_iou": 100 * r["iou"].mean().item(),
-        "exact": exact,
-        "value_error": value_error,
-        "search_error": 100.0 - exact - value_error,
+        "exact": 100 * r["exact"].mean().item(),
+        "value_error": 100 * r["value_error"].mean().item(),
+        "search_error": 100 * r["search_error"].mean().item(),
         "v_truth": 100 * r["v_truth"].mean().item(),
         "v_pred": 100 * r["v_pred"].mean().item(),
         "v_pred_abs_error": 100 * (r["v_pred"] - r["iou"]).abs().mean().item(),
