@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -348,7 +349,8 @@ def test_loader_carries_the_crop_protocol_to_the_task_and_checks_it(tmp_path):
 # ------------------------------------------------------------- training augmentation (data.augment)
 import math  # noqa: E402
 
-from dsp.tasks.augment import affine_matrices, augment_batch, augment_settings, warp, warp_matrices  # noqa: E402
+from dsp.tasks.augment import (affine_matrices, augment_batch, augment_settings, warp, warp_from_source,  # noqa: E402
+                               warp_matrices)
 
 
 def one_warp(x, y, zoom=1.0, angle=0.0, shift=(0.0, 0.0)):
@@ -439,3 +441,92 @@ def test_flip_mirrors_whole_images_too():
     mirrored = xf[:, 0, 0, 0] > xf[:, 0, 0, -1]
     assert 0 < mirrored.sum() < 64 and torch.equal(xf[:, 0], yf)
     assert torch.equal(torch.where(mirrored[:, None, None, None], xf.flip(-1), xf), x)
+
+
+def test_warping_the_larger_source_keeps_the_sub_pixel_edge_that_the_0_1_mask_lost():
+    """A 4-pixel row whose true edge sits at 2.25 pixels (9 of 16 source pixels are foreground):
+    its 0/1 mask is [1, 1, 0, 0]. Shifted right by 0.4 of a pixel the edge is at 2.65, past the
+    centre of pixel 2 (2.5), so pixel 2 becomes foreground; warping the 0/1 mask interpolates 0.4
+    there and keeps it background, the source path gets it right."""
+    ys = torch.zeros(1, 1, 16)
+    ys[..., :9] = 1.0
+    xs = ys.unsqueeze(1).clone()  # [1, 1, 1, 16]: the image shows the mask
+    small = torch.nn.functional.interpolate(xs, size=(1, 4), mode="bilinear", antialias=True)
+    assert (small[0, 0, 0] >= 0.5).tolist() == [True, True, False, False]
+    shift = affine_matrices(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([[2 * 0.4 / 4, 0.0]]))
+    xb, yb = warp_from_source(xs, ys, shift, (1, 4))
+    assert yb[0, 0].tolist() == [1.0, 1.0, 1.0, 0.0] and xb.shape == (1, 1, 1, 4)
+    assert (xb[0, 0, 0] >= 0.5).tolist() == [True, True, True, False]  # image and mask still agree
+    _, yl = warp(torch.tensor([[[[1.0, 1.0, 0.0, 0.0]]]]), torch.tensor([[[1.0, 1.0, 0.0, 0.0]]]), shift)
+    assert yl[0, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_the_loader_keeps_a_larger_copy_of_the_training_rows_for_the_warps(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", n=8, size=(64, 48))
+    warps = {"scale": 0.1, "rotate": 10, "translate": 0.1}
+    data = load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), augment=warps, warp_source_scale=4,
+                       jpeg_draft=False)
+    xs, ys = data.warp_source
+    x, y = data.train.tensors
+    assert xs.shape == (4, 3, 48, 48) and ys.shape == (4, 48, 48)  # the 4 training rows (5-6 held out)
+    assert ((ys > 0) & (ys < 1)).any()  # soft masks: the thresholding happens after the warp
+    # row i of the source is row i of train: shrunk back, it is the training image
+    small = torch.nn.functional.interpolate(xs, size=(12, 12), mode="bilinear", antialias=True)
+    assert (small - x).abs().mean() < 0.02
+    assert not torch.allclose(small[0], x[1], atol=0.05)
+    # the task warps the rows it is given: an identity warp of rows (2, 0) gives those rows back
+    task = task_for(data)
+    task.augment = dict(task.augment, scale=1e-12, rotate=0.0, translate=0.0)
+    xb, yb = task.batch(x[[2, 0]], y[[2, 0]], index=torch.tensor([2, 0]))
+    assert (xb - x[[2, 0]]).abs().mean() < 0.02
+    agree = ((yb > 0) & (y[[2, 0]] > 0)).sum() / ((yb > 0) | (y[[2, 0]] > 0)).sum()
+    assert agree > 0.95
+    # no source without geometric warps, or with scale 1
+    assert load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), warp_source_scale=4).warp_source is None
+    assert load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), augment=warps).warp_source is None
+    for bad in (0, 2.5, True, "4"):
+        with pytest.raises(DspError, match="data.warp_source_scale must be a whole number >= 1"):
+            load_horses(root, size=12, train=(1, 6), val=(5, 6), test=(7, 8), warp_source_scale=bad)
+
+
+def test_full_jpeg_decoding_is_the_plain_resize_of_the_original(tmp_path):
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "imgs", n=8, size=(160, 120))
+    data = load_horses(root, size=12, train=(1, 6), val=None, test=(7, 8))  # the default: full decoding
+    with Image.open(root / "rgb" / "img001.jpg") as im:
+        plain = torch.tensor(np.asarray(im.convert("RGB").resize((12, 12), Image.BILINEAR)), dtype=torch.float32)
+    assert torch.allclose(data.train.tensors[0][0], plain.permute(2, 0, 1) / 255.0)
+    drafted = load_horses(root, size=12, train=(1, 6), val=None, test=(7, 8), jpeg_draft=True)
+    assert not torch.allclose(drafted.train.tensors[0][0], plain.permute(2, 0, 1) / 255.0)
+
+
+def test_training_warps_the_larger_copies_of_each_batchs_own_rows(tmp_path, monkeypatch):
+    """dsp-train with data.warp_source_scale: the trainer hands the task each batch's training rows,
+    and the warp resamples those rows' sources (checked against the batch's own 32×32 images)."""
+    from hydra import compose, initialize_config_dir
+
+    import dsp.tasks.augment as augment_module
+    from dsp.cli.common import config_dir
+    from dsp.cli.train import train
+    from fixtures_images import tiny_images_overrides
+
+    calls = []
+    real = augment_module.augment_batch
+
+    def spy(x, y, settings, source=None):
+        assert source is not None
+        shrunk = torch.nn.functional.interpolate(source[0], size=x.shape[-2:], mode="bilinear", antialias=True)
+        calls.append(((shrunk - x).abs().mean().item(), (shrunk.roll(1, 0) - x).abs().mean().item()))
+        return real(x, y, settings, source)
+
+    monkeypatch.setattr("dsp.tasks.segmentation.augment_batch", spy)
+    root = write_image_folder(tmp_path / "imgs", n=8, size=(128, 96))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=unet_horses", *tiny_images_overrides(root),
+                                           "data.warp_source_scale=2", "data.jpeg_draft=false",
+                                           "trainer.max_epochs=2", "trainer.batch_size=2"])
+    metrics = train(cfg, tmp_path / "run")
+    assert len(calls) == 2 * 3  # 6 training rows (val_holdout=false): 3 batches of 2 an epoch
+    assert max(own for own, _ in calls) < 0.02 < min(other for _, other in calls)  # x's own rows, not others
+    assert "test/mean_iou" in metrics

@@ -389,7 +389,8 @@ def gradcheck(cfg: DictConfig) -> Report:
     n = min(examples, x_all.shape[0])
     set_seed(int(gc.seed))
     with torch.no_grad():
-        batch = task.batch(x_all[:n], y_all[:n])
+        rows = {"index": torch.arange(n)} if "index" in inspect.signature(task.batch).parameters else {}
+        batch = task.batch(x_all[:n], y_all[:n], **rows)
     batch = [t.detach().to(torch.float64 if t.is_floating_point() else t.dtype).clone() for t in batch]
     x = batch[0]
     check_x = bool(gc.inputs) and x.is_floating_point()

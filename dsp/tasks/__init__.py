@@ -20,5 +20,6 @@ def task_for(data):
     if isinstance(data, ImageMaskSplits):
         from dsp.tasks.segmentation import SegmentationTask
 
-        return SegmentationTask(data.crop, data.flip, data.test_crops, data.combine, data.augment)  # the crop protocol
+        return SegmentationTask(data.crop, data.flip, data.test_crops, data.combine, data.augment,  # the crop protocol
+                                data.warp_source)
     return MultiLabelTask()

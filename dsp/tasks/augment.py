@@ -112,12 +112,26 @@ def recolour(x: torch.Tensor, settings: dict[str, float]) -> torch.Tensor:
     return x
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, settings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images x [B, C, H, W] in [0, 1] and masks y [B, H, W] -> augmented copies."""
+def warp_from_source(xs: torch.Tensor, ys: torch.Tensor, theta: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Larger copies of the images xs [B, C, kH, kW] and their soft masks ys [B, kH, kW] warped through
+    theta [B, 2, 3] and shrunk to size (H, W) with an antialiased bilinear filter (the loader's PIL
+    resize is one too); the mask thresholded at 0.5 afterwards, as the loader thresholds its masks."""
+    def shrink(t):
+        return F.interpolate(t, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+
+    ym = shrink(resample(ys.unsqueeze(1).to(xs.dtype), theta)).squeeze(1)  # [B, H, W]
+    return shrink(resample(xs, theta)), (ym >= 0.5).to(ys.dtype)
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, settings: dict[str, float],
+                  source: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images x [B, C, H, W] in [0, 1] and masks y [B, H, W] -> augmented copies. source:
+    the same examples at a multiple of the resolution (images, soft masks; dsp.data.images'
+    warp_source), which the warp then resamples instead of x and y."""
     if geometric(settings):
         theta = warp_matrices(x.shape[0], settings["scale"], settings["rotate"], settings["translate"], x.device,
                               aspect=x.shape[-1] / x.shape[-2])
-        x, y = warp(x, y, theta)
+        x, y = warp(x, y, theta) if source is None else warp_from_source(*source, theta, x.shape[-2:])
     return recolour(x, settings), y
 
 

@@ -142,17 +142,25 @@ class SegmentationTask:
     main_metric = "mean_iou"
 
     def __init__(self, crop: int | None = None, flip: bool = False, test_crops: int | None = None,
-                 combine: str = "average", augment: dict | None = None):
+                 combine: str = "average", augment: dict | None = None, warp_source=None):
         self.crop, self.flip, self.test_crops, self.combine = crop, flip, test_crops, combine
         self.augment = augment_settings(augment)
         self.augmenting = any(self.augment.values())
+        self.warp_source = warp_source  # (images, soft masks) of the training rows, larger (dsp.data.images)
 
-    def batch(self, x, y):
+    def batch(self, x, y, index=None):
         """Training only: the random warp and colour changes of data.augment, one random crop per
         example (DVN §5.2 augmentation) and the left-right mirror of data.flip; x [B, C, H, W] and
-        y [B, H, W] -> [B, C, c, c] and [B, c, c]. Whole images when data.crop is null."""
+        y [B, H, W] -> [B, C, c, c] and [B, c, c]. Whole images when data.crop is null. index [B]:
+        the examples' rows in the training split, for warping their larger copies (warp_source);
+        without it, or without a source, the warp resamples x and y themselves."""
         if self.augmenting:
-            x, y = augment_batch(x, y, self.augment)
+            source = None
+            if self.warp_source is not None and index is not None:
+                if self.warp_source[0].device != x.device:  # moved once, to wherever the splits live
+                    self.warp_source = tuple(t.to(x.device) for t in self.warp_source)
+                source = tuple(t[index] for t in self.warp_source)
+            x, y = augment_batch(x, y, self.augment, source)
         b, (h, w) = x.shape[0], x.shape[-2:]
         if self.crop is not None:
             c = self.crop

@@ -104,6 +104,9 @@ class Trainer:
         self.data, self.run_dir, self.device = data, Path(run_dir), device
         self.config_dict, self.seed = config_dict, seed
         self.task = task_for(data)
+        # Tasks that keep a per-example resource (the horses' larger copies for warping) get the
+        # training rows of each batch.
+        self.task_by_id = "index" in inspect.signature(self.task.batch).parameters
         # trainer.monitor=auto: the task's headline metric (example_f1, char_acc, chunk_f1)
         self.monitor = self.task.main_metric if cfg.monitor in (None, "auto") else cfg.monitor
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -349,6 +352,7 @@ class Trainer:
                 lo, hi = self.dist.shard(len(idx))
                 mine = idx[lo:hi]
                 extra = {"index": mine} if by_id else {}
+                rows = {"index": mine} if self.task_by_id else {}
                 if stream is None:
                     xb, yb = x[mine], y[mine]
                 else:  # (pinned on CUDA by the reader thread, so the copy is asynchronous)
@@ -356,14 +360,14 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 logs, stop = {}, self._stop.requested  # ddp: the flag all ranks agree on, below
                 if not self.dist.enabled:
-                    loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb), **extra)
+                    loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb, **rows), **extra)
                     value = loss.item()
                     self._check_finite(value, stage, epoch)
                     loss.backward()
                 else:
                     loss = torch.zeros((), device=self.device)
                     if hi > lo:  # weighted by slice size: the summed gradients are the global batch's
-                        loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb), **extra)
+                        loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb, **rows), **extra)
                         loss = loss * ((hi - lo) / len(idx))
                         loss.backward()
                     value, stop = self.dist.reduce_step(params, loss, stop)
@@ -477,7 +481,8 @@ class Trainer:
             return
         if self._probe_batch is None:  # drawn once: task.batch may augment, and the probe compares steps
             x, y = (t[: self.cfg.get("probe_size") or 1000] for t in self.splits["train"])
-            self._probe_batch = self.task.batch(x, y)
+            rows = {"index": torch.arange(x.shape[0], device=x.device)} if self.task_by_id else {}
+            self._probe_batch = self.task.batch(x, y, **rows)
         with torch.no_grad():
             values = probe(self.model, *self._probe_batch)
         writer.add_scalar("time/train_s", self.train_seconds, self.step)
