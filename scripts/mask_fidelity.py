@@ -38,7 +38,8 @@ def fidelity(root: Path, size: int) -> dict[str, dict[str, float]]:
     masks = [mask for _, _, mask in image_mask_pairs(root)]
     truth = torch.from_numpy(np.stack([coverage_mask(m, size) for m in masks]))
     rows = {}
-    for name, draft in (("full decoding (data.jpeg_draft=false)", False), ("draft decoding (data.jpeg_draft=true)", True)):
+    for name, draft in (("full decoding (data.jpeg_draft=false)", False),
+                        ("draft decoding (data.jpeg_draft=true)", True)):
         pred = torch.from_numpy(np.stack([read_resized(m, "L", size, draft) >= 128 for m in masks]))
         rows[name] = {"mean_iou": mean_iou(pred, truth), "global_iou": global_iou(pred, truth),
                       "pixels_differing_%": 100.0 * (pred != truth).double().mean().item()}

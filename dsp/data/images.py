@@ -196,8 +196,8 @@ def load_horses(root: str | os.PathLike, size: int = 32, train=(1, 200), test=(2
         return torch.from_numpy(np.ascontiguousarray(x_[:, None] if grayscale else x_.transpose(0, 3, 1, 2)))
 
     def soft_masks(rows_, side):  # [n, side, side] in [0, 1]
-        return torch.from_numpy(np.stack([read_resized(files[i][2], "L", side, jpeg_draft) for i in rows_]).astype(np.float32)
-                                / 255.0)
+        y_ = np.stack([read_resized(files[i][2], "L", side, jpeg_draft) for i in rows_]).astype(np.float32)
+        return torch.from_numpy(y_ / 255.0)
 
     x, y = images(range(n), size), (soft_masks(range(n), size) >= 0.5).float()  # masks thresholded at 128
 

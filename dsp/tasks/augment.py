@@ -112,7 +112,8 @@ def recolour(x: torch.Tensor, settings: dict[str, float]) -> torch.Tensor:
     return x
 
 
-def warp_from_source(xs: torch.Tensor, ys: torch.Tensor, theta: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+def warp_from_source(xs: torch.Tensor, ys: torch.Tensor, theta: torch.Tensor,
+                     size) -> tuple[torch.Tensor, torch.Tensor]:
     """Larger copies of the images xs [B, C, kH, kW] and their soft masks ys [B, kH, kW] warped through
     theta [B, 2, 3] and shrunk to size (H, W) with an antialiased bilinear filter (the loader's PIL
     resize is one too); the mask thresholded at 0.5 afterwards, as the loader thresholds its masks."""

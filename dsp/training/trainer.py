@@ -104,9 +104,6 @@ class Trainer:
         self.data, self.run_dir, self.device = data, Path(run_dir), device
         self.config_dict, self.seed = config_dict, seed
         self.task = task_for(data)
-        # Tasks that keep a per-example resource (the horses' larger copies for warping) get the
-        # training rows of each batch.
-        self.task_by_id = "index" in inspect.signature(self.task.batch).parameters
         # trainer.monitor=auto: the task's headline metric (example_f1, char_acc, chunk_f1)
         self.monitor = self.task.main_metric if cfg.monitor in (None, "auto") else cfg.monitor
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -328,6 +325,7 @@ class Trainer:
                            f"{self.dist.world_size} ranks of trainer.strategy=ddp; the batch size is the global batch")
         # Objectives that keep state per training example (blended MRF learning) get the ids.
         by_id = "index" in inspect.signature(stage.objective.loss).parameters
+        task_by_id = self._task_takes_rows()
         # trainer.strategy=ddp: per-example state (the MRF's MessageStore) is kept equal on all ranks
         store = getattr(stage.objective, "store", None) if by_id and getattr(stage.objective, "persistent", False) else None
         for epoch in epochs:
@@ -352,7 +350,7 @@ class Trainer:
                 lo, hi = self.dist.shard(len(idx))
                 mine = idx[lo:hi]
                 extra = {"index": mine} if by_id else {}
-                rows = {"index": mine} if self.task_by_id else {}
+                rows = {"index": mine} if task_by_id else {}
                 if stream is None:
                     xb, yb = x[mine], y[mine]
                 else:  # (pinned on CUDA by the reader thread, so the copy is asynchronous)
@@ -360,14 +358,16 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 logs, stop = {}, self._stop.requested  # ddp: the flag all ranks agree on, below
                 if not self.dist.enabled:
-                    loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb, **rows), **extra)
+                    batch = self.task.batch(xb, yb, **rows)
+                    loss, logs = stage.objective.loss(self.model, self.inference, *batch, **extra)
                     value = loss.item()
                     self._check_finite(value, stage, epoch)
                     loss.backward()
                 else:
                     loss = torch.zeros((), device=self.device)
                     if hi > lo:  # weighted by slice size: the summed gradients are the global batch's
-                        loss, logs = stage.objective.loss(self.model, self.inference, *self.task.batch(xb, yb, **rows), **extra)
+                        batch = self.task.batch(xb, yb, **rows)
+                        loss, logs = stage.objective.loss(self.model, self.inference, *batch, **extra)
                         loss = loss * ((hi - lo) / len(idx))
                         loss.backward()
                     value, stop = self.dist.reduce_step(params, loss, stop)
@@ -471,6 +471,11 @@ class Trainer:
         return iter(PrefetchBatches(source, "train", perm.cpu(), batch_size, start=start,
                                     pin_memory=self.device.type == "cuda"))
 
+    def _task_takes_rows(self) -> bool:
+        """Tasks that keep a per-example resource (the horses' larger copies for warping) take each
+        batch's rows of the training split as task.batch(x, y, index=...)."""
+        return "index" in inspect.signature(self.task.batch).parameters
+
     def _probe(self, stage: Stage, writer: SummaryWriter) -> None:
         """trainer.probe_every > 0: every that many steps, log the objective's probe (e.g. the MRF's
         converged training NLL) on the first trainer.probe_size training examples, against the
@@ -481,7 +486,7 @@ class Trainer:
             return
         if self._probe_batch is None:  # drawn once: task.batch may augment, and the probe compares steps
             x, y = (t[: self.cfg.get("probe_size") or 1000] for t in self.splits["train"])
-            rows = {"index": torch.arange(x.shape[0], device=x.device)} if self.task_by_id else {}
+            rows = {"index": torch.arange(x.shape[0], device=x.device)} if self._task_takes_rows() else {}
             self._probe_batch = self.task.batch(x, y, **rows)
         with torch.no_grad():
             values = probe(self.model, *self._probe_batch)
