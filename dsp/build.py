@@ -144,6 +144,16 @@ def override_config(cfg: DictConfig, overrides, source: str) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.create(tree))
 
 
+def legacy_defaults(cfg: DictConfig) -> DictConfig:
+    """A stored config from before a data key existed gets the value that run was made with, not
+    today's default, so an old run re-evaluates on the data it was scored on: horses runs saved
+    before data.jpeg_draft decoded their JPEGs in draft mode."""
+    data = cfg.get("data")
+    if data is not None and data.get("_target_") == "dsp.data.images.load_horses" and "jpeg_draft" not in data:
+        cfg.data.jpeg_draft = True
+    return cfg
+
+
 def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device = "cpu",
              overrides=None) -> LoadedRun:
     """Load `run_dir/checkpoints/<ckpt>.pt` with the config stored inside it, changed by
@@ -153,7 +163,7 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
         raise DspError(f"run folder {run_dir} does not exist; pass run_dir=<a dsp-train output folder>")
     path = run_dir / "checkpoints" / f"{ckpt}.pt"
     state = load_checkpoint(path, map_location=device)
-    cfg = override_config(OmegaConf.create(state["config"]), overrides, "dsp-eval +set.")
+    cfg = override_config(legacy_defaults(OmegaConf.create(state["config"])), overrides, "dsp-eval +set.")
     model = build_model(cfg)
     inference = build_inference(cfg)
     attach_inference(model, inference)  # before loading: learned step sizes live in the state

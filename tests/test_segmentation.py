@@ -530,3 +530,31 @@ def test_training_warps_the_larger_copies_of_each_batchs_own_rows(tmp_path, monk
     assert len(calls) == 2 * 3  # 6 training rows (val_holdout=false): 3 batches of 2 an epoch
     assert max(own for own, _ in calls) < 0.02 < min(other for _, other in calls)  # x's own rows, not others
     assert "test/mean_iou" in metrics
+
+
+def test_a_run_saved_before_jpeg_draft_existed_re_evaluates_with_draft_decoding(tmp_path):
+    """Old horses runs decoded their JPEGs in draft mode; their stored configs lack data.jpeg_draft,
+    and load_run must not score them on today's default (full decoding) without being asked."""
+    from hydra import compose, initialize_config_dir
+
+    from dsp.build import load_run
+    from dsp.cli.common import config_dir
+    from dsp.cli.evaluate import evaluate_run
+    from dsp.cli.train import train
+    from fixtures_images import tiny_images_overrides
+
+    root = write_image_folder(tmp_path / "imgs", n=8, size=(160, 120))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=unet_horses", *tiny_images_overrides(root),
+                                           "data.jpeg_draft=true"])
+    metrics = train(cfg, tmp_path / "run")
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=False)
+    del state["config"]["data"]["jpeg_draft"]  # as saved before the key existed
+    torch.save(state, best)
+    assert load_run(tmp_path / "run").config.data.jpeg_draft is True
+    evaluated, _ = evaluate_run(tmp_path / "run", split="test")
+    assert evaluated["test/mean_iou"] == pytest.approx(metrics["test/mean_iou"])
+    # and it can still be scored the new way on request
+    full = load_run(tmp_path / "run", overrides={"data": {"jpeg_draft": False}})
+    assert full.config.data.jpeg_draft is False
