@@ -36,3 +36,12 @@ def test_full_decoding_is_closer_to_the_coverage_than_draft_decoding(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "mask_fidelity.py"), "--root", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "rgb" in bad.stderr
+
+
+def test_the_warp_paths_agree_without_a_warp_and_the_small_path_blurs(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", n=8, size=(160, 120))
+    rows = mask_fidelity.warp_paths(root, 12, 4, seed=0)
+    assert list(rows) == ["no warp", *(name for name, *_ in mask_fidelity.WARPS)]
+    assert rows["no warp"]["masks_iou"] > 95
+    for name, *_ in mask_fidelity.WARPS:  # resampling the small image blurs it; the source path keeps detail
+        assert rows[name]["sharpness_small"] < rows[name]["sharpness_source"]

@@ -364,7 +364,7 @@ def build(cfg: DictConfig):
 
 def gradcheck(cfg: DictConfig) -> Report:
     """Run the check for a composed config (see the module docstring); also usable from Python."""
-    from dsp.tasks import task_for
+    from dsp.tasks import takes_rows, task_for
     from dsp.training.trainer import set_seed
 
     gc = cfg.gradcheck
@@ -389,7 +389,7 @@ def gradcheck(cfg: DictConfig) -> Report:
     n = min(examples, x_all.shape[0])
     set_seed(int(gc.seed))
     with torch.no_grad():
-        rows = {"index": torch.arange(n)} if "index" in inspect.signature(task.batch).parameters else {}
+        rows = {"index": torch.arange(n)} if takes_rows(task) else {}
         batch = task.batch(x_all[:n], y_all[:n], **rows)
     batch = [t.detach().to(torch.float64 if t.is_floating_point() else t.dtype).clone() for t in batch]
     x = batch[0]

@@ -23,7 +23,7 @@ The loader only carries the crop protocol to the task (dsp.tasks.segmentation), 
               image is as sharp as a test image and its mask lines up with it to the sub-pixel.
               1 warps the size×size image and its 0/1 mask, which blurs the image and loses where
               inside a pixel a mask edge lies (on the horses, random shifts of up to 0.64 pixel
-              leave the two paths' masks at 89 % mean IoU of each other).
+              leave the two paths' masks at 89 % mean IoU of each other; scripts/mask_fidelity.py).
   test_crops  predict (val, test, dsp-eval) from a √n × √n grid of crop windows (DVN §5.2, Table 4:
               9, 25 or 36 crops), combined into one full-size mask by `combine`: "average" (mask
               averaging) or "joint" (joint inference: gradient steps on the whole mask through all
@@ -49,7 +49,7 @@ from torch.utils.data import TensorDataset
 
 from dsp.data.splits import NamedSplits
 from dsp.errors import DspError
-from dsp.tasks.augment import augment_settings
+from dsp.tasks.augment import augment_settings, geometric
 
 IMAGE_DIR, MASK_DIR = "rgb", "figure_ground"
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -208,7 +208,7 @@ def load_horses(root: str | os.PathLike, size: int = 32, train=(1, 200), test=(2
     splits = {k: TensorDataset(x[idx], y[idx]) for k, idx in index.items()}
     names = {k: [files[i][0] for i in idx] for k, idx in index.items()}
     source = None
-    if warp_source_scale > 1 and any(protocol["augment"][k] for k in ("scale", "rotate", "translate")):
+    if warp_source_scale > 1 and geometric(protocol["augment"]):
         side = size * warp_source_scale
         source = (images(index["train"], side), soft_masks(index["train"], side))
     return ImageMaskSplits(**splits, names=names, warp_source=source, **protocol)

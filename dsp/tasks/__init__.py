@@ -23,3 +23,11 @@ def task_for(data):
         return SegmentationTask(data.crop, data.flip, data.test_crops, data.combine, data.augment,  # the crop protocol
                                 data.warp_source)
     return MultiLabelTask()
+
+
+def takes_rows(task) -> bool:
+    """Whether task.batch(x, y, index=rows) wants each batch's rows of the training split (tasks that
+    keep a per-example resource: the horses' larger copies for warping)."""
+    import inspect
+
+    return "index" in inspect.signature(task.batch).parameters

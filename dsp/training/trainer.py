@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dsp.errors import DspError
-from dsp.tasks import task_for
+from dsp.tasks import takes_rows, task_for
 from dsp.training.checkpoint import (load_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state,
                                      write_json)
 from dsp.training.distributed import Single
@@ -325,7 +325,7 @@ class Trainer:
                            f"{self.dist.world_size} ranks of trainer.strategy=ddp; the batch size is the global batch")
         # Objectives that keep state per training example (blended MRF learning) get the ids.
         by_id = "index" in inspect.signature(stage.objective.loss).parameters
-        task_by_id = self._task_takes_rows()
+        task_by_id = takes_rows(self.task)
         # trainer.strategy=ddp: per-example state (the MRF's MessageStore) is kept equal on all ranks
         store = getattr(stage.objective, "store", None) if by_id and getattr(stage.objective, "persistent", False) else None
         for epoch in epochs:
@@ -471,11 +471,6 @@ class Trainer:
         return iter(PrefetchBatches(source, "train", perm.cpu(), batch_size, start=start,
                                     pin_memory=self.device.type == "cuda"))
 
-    def _task_takes_rows(self) -> bool:
-        """Tasks that keep a per-example resource (the horses' larger copies for warping) take each
-        batch's rows of the training split as task.batch(x, y, index=...)."""
-        return "index" in inspect.signature(self.task.batch).parameters
-
     def _probe(self, stage: Stage, writer: SummaryWriter) -> None:
         """trainer.probe_every > 0: every that many steps, log the objective's probe (e.g. the MRF's
         converged training NLL) on the first trainer.probe_size training examples, against the
@@ -486,7 +481,7 @@ class Trainer:
             return
         if self._probe_batch is None:  # drawn once: task.batch may augment, and the probe compares steps
             x, y = (t[: self.cfg.get("probe_size") or 1000] for t in self.splits["train"])
-            rows = {"index": torch.arange(x.shape[0], device=x.device)} if self._task_takes_rows() else {}
+            rows = {"index": torch.arange(x.shape[0], device=x.device)} if takes_rows(self.task) else {}
             self._probe_batch = self.task.batch(x, y, **rows)
         with torch.no_grad():
             values = probe(self.model, *self._probe_batch)
