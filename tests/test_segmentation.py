@@ -120,6 +120,37 @@ def test_online_preset_trains_and_evaluates_on_the_fixture(tmp_path, ema):
     assert arrays["pred"].shape == arrays["target"].shape == arrays["score"].shape == (2, 32, 32)
 
 
+def test_stage_preset_builds_on_a_trained_unet_and_keeps_it_frozen(tmp_path, capsys):
+    """experiment=gcrf_horses_stage warm-started from a unet_horses run with its unary stage
+    skipped: only the pairwise stage runs, and it leaves every unary tensor (BatchNorm statistics
+    included) as the UNet left it."""
+    from hydra import compose, initialize_config_dir
+
+    from dsp.cli.common import config_dir
+    from dsp.cli.train import train
+    from fixtures_images import tiny_images_overrides
+
+    root = write_image_folder(tmp_path / "imgs", n=8)
+    small_pairwise = ["model.pairwise.base_width=4", "model.pairwise.depth=1"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        unet = compose("config", overrides=["experiment=unet_horses", *tiny_images_overrides(root)])
+        stage = compose("config", overrides=["experiment=gcrf_horses_stage", *tiny_images_overrides(root),
+                                             *small_pairwise, f"trainer.init_from={tmp_path / 'unet'}",
+                                             "trainer.init_parts=[unary]", "trainer.stages.unary=null",
+                                             "trainer.stages.joint=null", "trainer.ema_decay=null"])
+    train(unet, tmp_path / "unet")
+    capsys.readouterr()
+    metrics = train(stage, tmp_path / "stage")
+    log = capsys.readouterr().out
+    assert "test/mean_iou" in metrics
+    before = torch.load(tmp_path / "unet" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "stage" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    unary = [k for k in before if k.startswith("unary.")]
+    assert unary and all(torch.equal(before[k], after[k]) for k in unary)
+    assert any(k.endswith("running_mean") for k in unary)
+    assert "warm start:" in log and "stage pairwise:" in log and "stage unary:" not in log
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_online_scaling_chooses_alpha_on_the_configured_split(tmp_path, monkeypatch, split):
     """trainer.online_scaling.split: Algorithm 1 scores α on training images; split=val (the ablation)
