@@ -118,6 +118,19 @@ def test_online_preset_trains_and_evaluates_on_the_fixture(tmp_path, ema):
     evaluated, arrays = evaluate_run(tmp_path / "run", split="test")
     assert evaluated["test/mean_iou"] == pytest.approx(metrics["test/mean_iou"])
     assert arrays["pred"].shape == arrays["target"].shape == arrays["score"].shape == (2, 32, 32)
+    # predict=local: the CRF's unaries alone, σ(α u), with no linear solve
+    from dsp.build import load_run
+
+    local, local_arrays = evaluate_run(tmp_path / "run", split="test", predict="local")
+    run = load_run(tmp_path / "run")
+    x, _ = run.data().split("test").tensors
+    with torch.no_grad():
+        unary_only = torch.sigmoid(run.model.features(x).unary)
+    assert local["test/inference_iters"] == 0 and metrics["test/inference_iters"] > 0
+    assert np.allclose(local_arrays["score"], unary_only.numpy(), atol=1e-6)
+    assert not np.allclose(local_arrays["score"], arrays["score"], atol=1e-3)
+    with pytest.raises(DspError, match="choose inference or local"):
+        evaluate_run(tmp_path / "run", predict="unary")
 
 
 def test_stage_preset_builds_on_a_trained_unet_and_keeps_it_frozen(tmp_path, capsys):

@@ -1,5 +1,9 @@
-"""dsp-eval run_dir=DIR [split=test] [ckpt=best] [+set.KEY=VALUE ...] [out=eval]: re-evaluate a
-trained run's checkpoint.
+"""dsp-eval run_dir=DIR [split=test] [ckpt=best] [predict=local] [+set.KEY=VALUE ...] [out=eval]:
+re-evaluate a trained run's checkpoint.
+
+`predict=local` scores the local (unary) term alone, e.g. a jointly trained CRF's unaries without
+its pairwise term: how much of the model's accuracy the structured part carries. By default the
+checkpoint predicts as its training stage validated (`inference` for the full model).
 
 `+set.KEY=VALUE` changes a key of the run's stored config before the model is built, for
 prediction-side settings (+set.data.test_crops=36 +set.data.combine=joint
@@ -32,9 +36,18 @@ from dsp.training.checkpoint import _atomic, write_json
 from dsp.training.trainer import resolve_device
 
 
-def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None):
-    """(metrics, arrays, figures) of a run folder's checkpoint on one split."""
+PREDICT_MODES = ("inference", "local")
+
+
+def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None, predict=None):
+    """(metrics, arrays, figures) of a run folder's checkpoint on one split; `predict` overrides
+    the checkpoint's prediction mode."""
+    if predict is not None and predict not in PREDICT_MODES:
+        raise DspError(f"predict={predict!r}: choose {' or '.join(PREDICT_MODES)} (or leave it out: the "
+                       "checkpoint's own mode)")
     run = load_run(run_dir, ckpt=ckpt, device=device, overrides=overrides)
+    if predict is not None:
+        run.predict_mode = predict
     data = run.data()
     task = task_for(data)
     x, y = (t.to(device) for t in data.split(split).tensors)
@@ -52,10 +65,11 @@ def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None):
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", device="cpu", batch_size=1024,
-                 overrides=None):
+                 overrides=None, predict=None):
     """Evaluate a run folder's checkpoint on one split (its stored config changed by `overrides`,
-    e.g. {"data": {"test_crops": 36}}); returns (metrics, arrays)."""
-    metrics, arrays, _ = _evaluate(run_dir, split, ckpt, device, batch_size, overrides)
+    e.g. {"data": {"test_crops": 36}}; `predict`: "local" or "inference" instead of the
+    checkpoint's mode); returns (metrics, arrays)."""
+    metrics, arrays, _ = _evaluate(run_dir, split, ckpt, device, batch_size, overrides, predict)
     return metrics, arrays
 
 
@@ -82,12 +96,14 @@ def _main(cfg: DictConfig) -> None:
     out = str(cfg.out)
     if not out or Path(out).name != out or out in (".", ".."):
         raise DspError(f"out={out!r} must be a plain folder name inside the run folder (e.g. eval_joint36)")
-    metrics, arrays, figures = _evaluate(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size, cfg.set)
+    metrics, arrays, figures = _evaluate(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size, cfg.set,
+                                         cfg.get("predict"))
     write_json(metrics, run_dir / out / "metrics.json")
     save_npz(arrays, run_dir / out / "predictions.npz")
     for name, image in figures.items():
         save_png(image, run_dir / out / f"{name}.png")
-    print_table(metrics, f"{run_dir} ({cfg.ckpt}.pt, {cfg.split} split):")
+    mode = f", predict={cfg.predict}" if cfg.get("predict") else ""
+    print_table(metrics, f"{run_dir} ({cfg.ckpt}.pt, {cfg.split} split{mode}):")
 
 
 def main() -> None:
