@@ -255,6 +255,8 @@ def test_dvn_preset_trains_on_crops_and_predicts_by_joint_inference(tmp_path):
 
     _, _, figures = _evaluate(tmp_path / "run", "test", "best", "cpu", 64)
     assert figures["shape_prior"].shape == (32, 4 * 34 - 2, 3)  # whole 32×32 masks from 9 crops
+    with pytest.raises(DspError, match="no local term"):  # σ(0) = 0.5 everywhere would be a number without meaning
+        _evaluate(tmp_path / "run", "test", "best", "cpu", 64, predict="local")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         bad = compose("config", overrides=["experiment=dvn_horses", *tiny_images_overrides(root), "data.crop=null",
                                            "data.test_crops=null"])

@@ -47,6 +47,9 @@ def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None, predict=
                        "checkpoint's own mode)")
     run = load_run(run_dir, ckpt=ckpt, device=device, overrides=overrides)
     if predict is not None:
+        if predict == "local" and not getattr(run.model, "has_local_term", True):
+            raise DspError(f"predict=local: {type(run.model).__name__} has no local term of its own (it only "
+                           "scores x together with y); leave predict out")
         run.predict_mode = predict
     data = run.data()
     task = task_for(data)
