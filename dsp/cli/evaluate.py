@@ -3,7 +3,8 @@ re-evaluate a trained run's checkpoint.
 
 `predict=local` scores the local (unary) term alone, e.g. a jointly trained CRF's unaries without
 its pairwise term: how much of the model's accuracy the structured part carries. By default the
-checkpoint predicts as its training stage validated (`inference` for the full model).
+checkpoint predicts as its training stage validated (`inference` for the full model). A multi-label
+decision threshold stays the one tuned on validation for the checkpoint's own mode.
 
 `+set.KEY=VALUE` changes a key of the run's stored config before the model is built, for
 prediction-side settings (+set.data.test_crops=36 +set.data.combine=joint
