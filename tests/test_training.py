@@ -48,6 +48,22 @@ def test_stage_errors_name_the_key():
     cfg = compose_cfg("trainer=staged", "trainer.stages.global.train=[decoder]")
     with pytest.raises(DspError, match=r"decoder.*feature_net"):
         build_stages(cfg.trainer, build_objective(cfg), model)
+    cfg = compose_cfg("trainer=staged", "trainer.stages.global.predict=unary")
+    with pytest.raises(DspError, match=r"trainer.stages.global.predict='unary': choose inference or local"):
+        build_stages(cfg.trainer, build_objective(cfg), model)
+
+
+def test_a_model_without_a_local_term_cannot_predict_locally():
+    """The segmentation value network's local term would be σ(0) = 0.5 everywhere: a stage (and
+    dsp-eval, which shares the check) refuses predict=local for it."""
+    from dsp.models.dvn_seg import SegmentationValueNetwork
+    from dsp.training.stages import check_predict_mode
+
+    dvn = SegmentationValueNetwork(size=8, unary={"base_width": 2, "depth": 1}, hidden=(4,))
+    check_predict_mode(dvn, "inference", "predict")
+    with pytest.raises(DspError, match="predict=local: SegmentationValueNetwork has no local term"):
+        check_predict_mode(dvn, "local", "predict")
+    check_predict_mode(torch.nn.Linear(2, 2), "local", "predict")  # models have one unless they say otherwise
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -34,23 +34,16 @@ from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.errors import DspError
 from dsp.tasks import task_for
 from dsp.training.checkpoint import _atomic, write_json
+from dsp.training.stages import check_predict_mode
 from dsp.training.trainer import resolve_device
-
-
-PREDICT_MODES = ("inference", "local")
 
 
 def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None, predict=None):
     """(metrics, arrays, figures) of a run folder's checkpoint on one split; `predict` overrides
     the checkpoint's prediction mode."""
-    if predict is not None and predict not in PREDICT_MODES:
-        raise DspError(f"predict={predict!r}: choose {' or '.join(PREDICT_MODES)} (or leave it out: the "
-                       "checkpoint's own mode)")
     run = load_run(run_dir, ckpt=ckpt, device=device, overrides=overrides)
     if predict is not None:
-        if predict == "local" and not getattr(run.model, "has_local_term", True):
-            raise DspError(f"predict=local: {type(run.model).__name__} has no local term of its own (it only "
-                           "scores x together with y); leave predict out")
+        check_predict_mode(run.model, predict, "predict")
         run.predict_mode = predict
     data = run.data()
     task = task_for(data)

@@ -81,7 +81,7 @@ class SegmentationValueNetwork(nn.Module):
     """v(x, ȳ) = σ(s(x, ȳ)) for masks ȳ ∈ [0,1]^{H×W} (Figure 2); see the module docstring."""
 
     is_structured = True  # prediction is gradient ascent on v from ȳ = 0
-    has_local_term = False  # σ(0) = 0.5 everywhere: dsp-eval refuses predict=local
+    has_local_term = False  # σ(0) = 0.5 everywhere: predict=local is refused (stages, dsp-eval)
 
     def __init__(self, in_channels: int = 3, size: int = 32, unary: dict | None = None,
                  hidden: tuple = (384, 192), dropout: float = 0.25, ascend: str = "value"):

@@ -20,6 +20,17 @@ STAGE_KEYS = {
     "max_epochs", "patience", "batch_size", "lr_factor", "lr_patience", "lr_schedule",
 }
 LR_SCHEDULES = ("plateau", "cosine")
+PREDICT_MODES = ("inference", "local")  # the full model, or its local (unary) term alone
+
+
+def check_predict_mode(model: torch.nn.Module, mode: str, key: str) -> None:
+    """Refuse a prediction mode `mode` given as `key` that is unknown, or "local" for a model
+    without a local term of its own (the segmentation value network: σ(0) = 0.5 everywhere)."""
+    if mode not in PREDICT_MODES:
+        raise DspError(f"{key}={mode!r}: choose {' or '.join(PREDICT_MODES)}")
+    if mode == "local" and not getattr(model, "has_local_term", True):
+        raise DspError(f"{key}=local: {type(model).__name__} has no local term of its own (it only scores x "
+                       "together with y); predict with inference")
 
 
 @dataclass
@@ -110,8 +121,7 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
                     f"the model's parts are {sorted(children)}"
                 )
         predict = spec.get("predict") or "inference"
-        if predict not in ("inference", "local"):
-            raise DspError(f"trainer.stages.{name}.predict={predict!r}: choose 'inference' or 'local'")
+        check_predict_mode(model, predict, f"trainer.stages.{name}.predict")
         schedule = str(get("lr_schedule") or "plateau")
         if schedule not in LR_SCHEDULES:
             where = f"trainer.stages.{name}.lr_schedule" if spec.get("lr_schedule") is not None else "trainer.lr_schedule"
