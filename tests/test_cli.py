@@ -85,7 +85,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     proc = run_cli("dsp-train", *QUICK, *TINY_SYNTHETIC, f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
     assert f"run folder: {run}" in proc.stdout and "test/example_f1" in proc.stdout
-    for f in (".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt"):
+    for f in (".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt", "environment.json"):
         assert (run / f).is_file(), f
     assert list((run / "tb").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -102,6 +102,8 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert arrays["pred"].dtype == np.uint8 and arrays["target"].dtype == np.uint8
     assert arrays["score"].dtype == np.float32 and arrays["pred"].shape == arrays["score"].shape == (48, 16)
     assert set(np.unique(arrays["target"])) <= {0, 1}
+    (computed,) = json.loads((run / "eval" / "environment.json").read_text())  # where eval ran
+    assert computed["device"] == "cpu" and f"run_dir={run}" in computed["command"]
 
     # prediction-side changes to the stored config, written beside the default evaluation
     proc = run_cli("dsp-eval", f"run_dir={run}", "+set.inference.max_iter=1", "out=eval_one_step")

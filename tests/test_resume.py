@@ -78,6 +78,10 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(uninterrupt
     assert proc.returncode == 0, proc.stderr
     assert "at stage 'joint', epoch 2" in proc.stdout + proc.stderr
     assert_same_run(run, uninterrupted)
+    # where each of the three starts ran (dsp.training.provenance), the uninterrupted run's one start
+    starts = json.loads((run / "environment.json").read_text())
+    assert len(starts) == 3 and all(s["torch"] == torch.__version__ for s in starts)
+    assert len(json.loads((uninterrupted / "environment.json").read_text())) == 1
 
 
 def test_a_run_with_a_weight_average_resumes_exactly(tmp_path):

@@ -10,8 +10,8 @@ decision threshold stays the one tuned on validation for the checkpoint's own mo
 prediction-side settings (+set.data.test_crops=36 +set.data.combine=joint
 +set.inference.max_iter=50); give `out` a new folder name so the default evaluation is kept.
 
-Writes DIR/eval/metrics.json ("<split>/<metric>") and DIR/eval/predictions.npz and prints the
-metrics. Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
+Writes DIR/eval/metrics.json ("<split>/<metric>"), DIR/eval/predictions.npz and
+DIR/eval/environment.json (where it was computed: dsp.training.provenance) and prints the metrics. Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
 int64 [N, T] padded with -1, lengths [N], labels (index -> tag name); segmentation: pred and target
 uint8 [N, H, W], score float32 [N, H, W]; denoising: pred, target, noisy float32 [N, H, W] in [0, 1].
 Tasks with figures also get DIR/eval/<name>.png (denoising: eval/denoising.png, rows noisy /
@@ -34,6 +34,7 @@ from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.errors import DspError
 from dsp.tasks import task_for
 from dsp.training.checkpoint import _atomic, write_json
+from dsp.training.provenance import environment
 from dsp.training.stages import check_predict_mode
 from dsp.training.trainer import resolve_device
 
@@ -96,6 +97,7 @@ def _main(cfg: DictConfig) -> None:
     metrics, arrays, figures = _evaluate(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size, cfg.set,
                                          cfg.get("predict"))
     write_json(metrics, run_dir / out / "metrics.json")
+    write_json([environment(device)], run_dir / out / "environment.json")  # what computed these metrics
     save_npz(arrays, run_dir / out / "predictions.npz")
     for name, image in figures.items():
         save_png(image, run_dir / out / f"{name}.png")

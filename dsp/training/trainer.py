@@ -4,6 +4,7 @@ stopping, crash-safe checkpoints, resume, TensorBoard and tqdm.
 Run folder (the contract other tools rely on):
     checkpoints/last.pt   every epoch        checkpoints/best.pt   on validation improvement
     tb/                   TensorBoard        metrics.json          final "<split>/<metric>" numbers
+    environment.json      one record per start (fresh or resumed) of where it ran (dsp.training.provenance)
 last.pt is also written when a stage starts and, on SIGTERM, in the middle of an epoch
 (`epoch_offset` examples into epoch `epoch + 1`); its predecessor is kept as last.prev.pt. Resuming
 from it replays exactly what the uninterrupted run would have done: the model, optimiser, schedule,
@@ -35,6 +36,7 @@ from dsp.training.checkpoint import (load_checkpoint, load_latest, rng_state, sa
 from dsp.training.distributed import Single
 from dsp.training.ema import WeightAverage
 from dsp.training.preemption import Preempted, StopRequest, after_step
+from dsp.training.provenance import append_environment
 from dsp.training.scaling import choose_unary_scale, scaling_settings
 from dsp.training.stages import Stage
 from dsp.training.warm_start import warm_start
@@ -258,6 +260,8 @@ class Trainer:
             self.fit_start -= resume.get("elapsed_s", 0.0)
             self.target_reached_s = resume.get("target_reached_s")
         self.dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
+        if self.main:
+            append_environment(self.run_dir / "environment.json", self.device)
         writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else _NoWriter()
         if resume is None and self.cfg.get("init_from"):  # warm start: weights only (dsp.training.warm_start)
             path, n = warm_start(self.model, self.cfg.init_from, self.cfg.get("init_parts", "all"))
