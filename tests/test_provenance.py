@@ -38,3 +38,12 @@ def test_each_start_appends_and_an_unreadable_file_is_kept_aside(tmp_path):
     append_environment(path)
     assert len(json.loads(path.read_text())) == 1
     assert (tmp_path / "environment.json.unreadable").read_text() == "{half written"
+
+
+def test_the_source_commit_is_a_git_hash_or_none():
+    import re
+
+    from dsp.training.provenance import source_commit
+
+    commit = source_commit()  # None where dsp does not run from its own git checkout
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit)

@@ -56,6 +56,8 @@ def source_commit() -> str | None:
         def git(*args):
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
                                   check=True).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None  # an installed copy inside some other repository (a venv in a project)
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "dsp", "conf"))
     except (OSError, subprocess.SubprocessError):
