@@ -11,7 +11,8 @@ prediction-side settings (+set.data.test_crops=36 +set.data.combine=joint
 +set.inference.max_iter=50); give `out` a new folder name so the default evaluation is kept.
 
 Writes DIR/eval/metrics.json ("<split>/<metric>"), DIR/eval/predictions.npz and
-DIR/eval/environment.json (where it was computed: dsp.training.provenance) and prints the metrics. Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
+DIR/eval/environment.json (where it was computed: dsp.training.provenance) and prints the metrics.
+Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
 int64 [N, T] padded with -1, lengths [N], labels (index -> tag name); segmentation: pred and target
 uint8 [N, H, W], score float32 [N, H, W]; denoising: pred, target, noisy float32 [N, H, W] in [0, 1].
 Tasks with figures also get DIR/eval/<name>.png (denoising: eval/denoising.png, rows noisy /

@@ -49,8 +49,8 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, list[st
 
 
 def source_commit() -> str | None:
-    """The git commit of the dsp source that ran, with "+dirty" for uncommitted changes, or None
-    outside a git checkout (an installed wheel)."""
+    """The git commit of the dsp source that ran, with "+dirty" for uncommitted changes to dsp/ or
+    conf/ (what a run executes), or None outside dsp's own git checkout (an installed wheel)."""
     root = Path(dsp.__file__).resolve().parent.parent
     try:
         def git(*args):
