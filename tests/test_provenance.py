@@ -40,10 +40,18 @@ def test_each_start_appends_and_an_unreadable_file_is_kept_aside(tmp_path):
     assert (tmp_path / "environment.json.unreadable").read_text() == "{half written"
 
 
-def test_the_source_commit_is_a_git_hash_or_none():
+def test_the_source_commit_is_the_checkout_head():
     import re
+    import subprocess
+    from pathlib import Path
 
+    import dsp
     from dsp.training.provenance import source_commit
 
-    commit = source_commit()  # None where dsp does not run from its own git checkout
-    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit)
+    root = Path(dsp.__file__).resolve().parent.parent
+    commit = source_commit()
+    if not (root / ".git").exists():  # an installed copy: no commit to name
+        assert commit is None
+        return
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit) and commit.split("+")[0] == head
