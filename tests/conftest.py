@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,10 @@ def write_ocr(path: Path, words_per_fold: int = 6, folds: int = 4, seed: int = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import write_mulan
+from conftest import free_port, write_mulan
 from dsp.cli.common import config_dir
 from dsp.cli.train import train
 from dsp.errors import DspError
@@ -136,3 +136,29 @@ def test_ddp_without_torchrun_says_how_to_launch(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(DspError, match="torchrun"):
         one_process(tmp_path / "run", *SYNTHETIC, "trainer.strategy=ddp")
+
+
+CLOSE_RELEASES_THE_GROUP = """
+import gc, os, sys
+import torch
+from dsp.training.distributed import Distributed
+dist = Distributed("cpu")  # world size 1, gloo
+pg = torch.distributed.distributed_c10d._get_default_group()
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo, as training does
+dist.barrier()
+dist.close()
+gc.collect()
+print(sys.getrefcount(pg) - 1)  # references left besides `pg`
+"""
+
+
+def test_close_leaves_no_reference_to_the_process_group(tmp_path):
+    """Regression: torch._dynamo imported after init_process_group kept the group (and gloo's
+    threads) alive past destroy_process_group into interpreter exit, where rank 1 sometimes aborted
+    with SIGABRT. A fresh interpreter, since this one has imported torch._dynamo long ago."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+           "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", CLOSE_RELEASES_THE_GROUP], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "1", proc.stdout

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from conftest import free_port
 from dsp.cli.common import config_dir
 
 TINY_SYNTHETIC = ["data.num_train=64", "data.num_val=32", "data.num_test=48"]
@@ -144,12 +144,6 @@ def test_slurm_preset_submits_a_job_array_with_its_resources(tmp_path, monkeypat
     assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def local_ray(monkeypatch):
     """A one-node Ray cluster on the loopback interface only, stopped (with all it started) afterwards."""
@@ -157,8 +151,8 @@ def local_ray(monkeypatch):
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node address 127.0.0.1, not the host's IP
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     temp = Path(tempfile.mkdtemp(prefix="dspray", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    port = _free_port()
-    ports = [f"--{name}={_free_port()}" for name in ("ray-client-server-port", "dashboard-port",
+    port = free_port()
+    ports = [f"--{name}={free_port()}" for name in ("ray-client-server-port", "dashboard-port",
                                                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port")]
     log = (temp / "head.log").open("w")
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",

@@ -56,7 +56,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         metrics = RunMetrics(trainer.fit(), monitor=trainer.monitor)
         metrics.is_main = dist.is_main
         # ddp: no rank tears its gloo/NCCL connections down while another still finishes (rank 0
-        # writes the final files); without this, rank 1 sometimes aborted at exit (SIGABRT).
+        # writes the final files); the SIGABRT at exit this was once meant to stop had another
+        # cause (see Distributed.__init__).
         dist.barrier()
         return metrics
     finally:

@@ -91,6 +91,13 @@ class Distributed(Single):
         self.backend = "nccl" if cuda else "gloo"
         self._owned = not tdist.is_initialized()
         if self._owned:
+            # Importing torch._dynamo (the optimisers do, on first use) while a process group exists
+            # leaves references to it that destroy_process_group() does not drop (torch 2.14), so
+            # gloo's threads outlived close() and were torn down during interpreter exit, where
+            # rank 1 sometimes aborted (SIGABRT, "terminate called without an active exception").
+            # Imported first, it holds none and close() really ends the group.
+            from torch import _dynamo  # noqa: F401
+
             tdist.init_process_group(self.backend, **({"device_id": self.device} if cuda else {}))
 
     # --------------------------------------------------------------------------- collectives
