@@ -77,17 +77,54 @@ class MaskValueFeatures:
         return self.logits
 
 
-class SegmentationValueNetwork(nn.Module):
-    """v(x, ȳ) = σ(s(x, ȳ)) for masks ȳ ∈ [0,1]^{H×W} (Figure 2); see the module docstring."""
+class MaskValueNetwork(nn.Module):
+    """What every value network over masks shares: v(x, ȳ) = σ(s(x, ȳ)), energy -v (or -s), the
+    ascent's start ȳ = 0. Subclasses define score(ȳ, feats)."""
 
     is_structured = True  # prediction is gradient ascent on v from ȳ = 0
     has_local_term = False  # σ(0) = 0.5 everywhere: predict=local is refused (stages, dsp-eval)
 
-    def __init__(self, in_channels: int = 3, size: int = 32, unary: dict | None = None,
-                 hidden: tuple = (384, 192), dropout: float = 0.25, ascend: str = "value"):
+    def __init__(self, ascend: str = "value"):
         super().__init__()
         if ascend not in ("value", "score"):
             raise DspError(f"model.ascend={ascend!r}: choose 'value' (Eq. 8) or 'score'")
+        self.ascend = ascend
+
+    def features(self, x: torch.Tensor) -> MaskValueFeatures:
+        b, _, h, w = x.shape
+        return MaskValueFeatures(x, x.new_zeros(b, h, w))
+
+    @staticmethod
+    def stacked(y: torch.Tensor, feats) -> torch.Tensor:
+        """The network input [B, C + 1, H, W]: image channels and the mask ȳ [B, H, W] as one more."""
+        x = feats.features
+        return torch.cat([x, y.reshape(x.shape[0], 1, *x.shape[-2:]).to(x.dtype)], 1)
+
+    def score(self, y: torch.Tensor, feats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def value(self, y: torch.Tensor, feats) -> torch.Tensor:
+        """v(x, ȳ) = σ(s) [B] in [0, 1]: the predicted soft IoU of ȳ."""
+        return torch.sigmoid(self.score(y, feats))
+
+    def energy(self, y: torch.Tensor, feats) -> torch.Tensor:
+        """-v [B] (or -s with ascend="score"): minimising it is the gradient ascent of Eq. 8."""
+        return -(self.value(y, feats) if self.ascend == "value" else self.score(y, feats))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.value(y, self.features(x))
+
+    def local_probs(self, feats) -> torch.Tensor:
+        """Zeros [B, H, W]: the paper's start ȳ = 0 (inference.init=local gives the same)."""
+        return torch.zeros_like(feats.logits)
+
+
+class SegmentationValueNetwork(MaskValueNetwork):
+    """v(x, ȳ) = σ(s(x, ȳ)) for masks ȳ ∈ [0,1]^{H×W} (Figure 2); see the module docstring."""
+
+    def __init__(self, in_channels: int = 3, size: int = 32, unary: dict | None = None,
+                 hidden: tuple = (384, 192), dropout: float = 0.25, ascend: str = "value"):
+        super().__init__(ascend)
         if not hidden:
             raise DspError("model.hidden: the value network needs at least one fully connected layer")
         if size is None or int(size) < 1:
@@ -104,36 +141,73 @@ class SegmentationValueNetwork(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.head = nn.Sequential(*layers)
-        self.size, self.ascend = size, ascend
+        self.size = size
 
     def features(self, x: torch.Tensor) -> MaskValueFeatures:
-        b, _, h, w = x.shape
+        h, w = x.shape[-2:]
         if (h, w) != (self.size, self.size):  # the fully connected layers fix the input side
             raise DspError(f"the value network was built for {self.size}×{self.size} inputs (model.size) but got "
                            f"{h}×{w}; with crops (data.crop) set model.size to the crop side, "
                            f"and predict through data.test_crops")
-        return MaskValueFeatures(x, x.new_zeros(b, h, w))
+        return super().features(x)
 
     def score(self, y: torch.Tensor, feats) -> torch.Tensor:
         """The pre-sigmoid value s(x, ȳ) [B] for masks ȳ [B, H, W]."""
-        x = feats.features  # [B, C, H, W]
-        mask = y.reshape(x.shape[0], 1, *x.shape[-2:]).to(x.dtype)  # [B, 1, H, W]
-        return self.head(self.conv(torch.cat([x, mask], 1)).flatten(1)).squeeze(-1)  # [B]
+        return self.head(self.conv(self.stacked(y, feats)).flatten(1)).squeeze(-1)  # [B]
 
-    def value(self, y: torch.Tensor, feats) -> torch.Tensor:
-        """v(x, ȳ) = σ(s) [B] in [0, 1]: the predicted soft IoU of ȳ."""
-        return torch.sigmoid(self.score(y, feats))
 
-    def energy(self, y: torch.Tensor, feats) -> torch.Tensor:
-        """-v [B] (or -s with ascend="score"): minimising it is the gradient ascent of Eq. 8."""
-        return -(self.value(y, feats) if self.ascend == "value" else self.score(y, feats))
+class PooledValueNetwork(MaskValueNetwork):
+    """A fully convolutional value network (ours, not in the paper): a UNet trunk, per-pixel layers
+    over its features and ȳ, the mean over pixels, then a small MLP to s(x, ȳ).
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.value(y, self.features(x))
+    Why this shape: soft IoU = Σ_p min(ȳ_p, y*_p) / Σ_p max(ȳ_p, y*_p) is a ratio of two pixel
+    means, and min/max of ȳ_p and a per-pixel estimate of y*_p are one ReLU layer over
+    [features_p, ȳ_p]; so the per-pixel layer, the mean and the MLP can express the oracle once the
+    trunk segments. Figure 2's fully connected layers must instead learn every position separately.
+    Being convolutional, it takes inputs of any side (crops or whole images).
 
-    def local_probs(self, feats) -> torch.Tensor:
-        """Zeros [B, H, W]: the paper's start ȳ = 0 (inference.init=local gives the same)."""
-        return torch.zeros_like(feats.logits)
+    trunk_sees_mask=True: the trunk reads the image stacked with ȳ (like Figure 2), so it can judge
+    the mask's shape, but every ascent step runs the whole UNet. False: the trunk reads the image
+    alone and runs once per image (features(x)), like the multi-label DVN's feature network; ȳ
+    then meets the image features in `mask_layers` 3×3 convolutions (its local shape) and the 1×1
+    per-pixel layer, and an ascent step costs only those."""
+
+    def __init__(self, in_channels: int = 3, unary: dict | None = None, pixel_features: int = 32,
+                 hidden: tuple = (64,), trunk_sees_mask: bool = False, mask_layers: int = 0,
+                 ascend: str = "value"):
+        super().__init__(ascend)
+        from dsp.nn.unet import UNet
+
+        if pixel_features < 1 or mask_layers < 0:
+            raise DspError(f"model.pixel_features={pixel_features}, model.mask_layers={mask_layers}: "
+                           f"give pixel_features >= 1 and mask_layers >= 0")
+        self.trunk_sees_mask = trunk_sees_mask
+        self.trunk = UNet(in_channels + trunk_sees_mask, out_channels=None, **dict(unary or {}))
+        layers, width = [], self.trunk.out_channels + 1  # trunk features and ȳ_p again
+        for _ in range(mask_layers):
+            layers += [nn.Conv2d(width, pixel_features, 3, padding=1), nn.ReLU()]
+            width = pixel_features
+        layers += [nn.Conv2d(width, pixel_features, 1), nn.ReLU()]
+        self.pixel = nn.Sequential(*layers)
+        layers, width = [], pixel_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.head = nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> MaskValueFeatures:
+        if self.trunk_sees_mask:
+            return super().features(x)  # the trunk runs per mask, in score()
+        b, _, h, w = x.shape
+        return MaskValueFeatures(self.trunk(x), x.new_zeros(b, h, w))  # [B, base_width, H, W]
+
+    def score(self, y: torch.Tensor, feats) -> torch.Tensor:
+        stacked = self.stacked(y, feats)  # [B, C + 1, H, W]: image (or trunk features) and ȳ
+        mask = stacked[:, -1:]
+        trunk = self.trunk(stacked) if self.trunk_sees_mask else feats.features
+        per_pixel = self.pixel(torch.cat([trunk, mask], 1))  # [B, pixel_features, H, W]
+        return self.head(per_pixel.mean((2, 3))).squeeze(-1)  # [B]
 
 
 @dataclass
