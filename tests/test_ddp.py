@@ -139,7 +139,7 @@ def test_ddp_without_torchrun_says_how_to_launch(tmp_path, monkeypatch):
 
 
 CLOSE_RELEASES_THE_GROUP = """
-import gc, os, sys
+import gc, sys
 import torch
 from dsp.training.distributed import Distributed
 dist = Distributed("cpu")  # world size 1, gloo

@@ -203,9 +203,12 @@ class PooledValueNetwork(MaskValueNetwork):
         return MaskValueFeatures(self.trunk(x), x.new_zeros(b, h, w))  # [B, base_width, H, W]
 
     def score(self, y: torch.Tensor, feats) -> torch.Tensor:
-        stacked = self.stacked(y, feats)  # [B, C + 1, H, W]: image (or trunk features) and ȳ
-        mask = stacked[:, -1:]
-        trunk = self.trunk(stacked) if self.trunk_sees_mask else feats.features
+        if self.trunk_sees_mask:
+            stacked = self.stacked(y, feats)  # [B, C + 1, H, W]: the image and ȳ
+            trunk, mask = self.trunk(stacked), stacked[:, -1:]
+        else:
+            trunk = feats.features  # [B, base_width, H, W]: the image's, from features()
+            mask = y.reshape(trunk.shape[0], 1, *trunk.shape[-2:]).to(trunk.dtype)
         per_pixel = self.pixel(torch.cat([trunk, mask], 1))  # [B, pixel_features, H, W]
         return self.head(per_pixel.mean((2, 3))).squeeze(-1)  # [B]
 
