@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsp.errors import DspError
+from dsp.nn.unet import UNet
 
 
 class ConvLayers(nn.Module):
@@ -176,8 +177,6 @@ class PooledValueNetwork(MaskValueNetwork):
                  hidden: tuple = (64,), trunk_sees_mask: bool = False, mask_layers: int = 0,
                  ascend: str = "value"):
         super().__init__(ascend)
-        from dsp.nn.unet import UNet
-
         if pixel_features < 1 or mask_layers < 0:
             raise DspError(f"model.pixel_features={pixel_features}, model.mask_layers={mask_layers}: "
                            f"give pixel_features >= 1 and mask_layers >= 0")
