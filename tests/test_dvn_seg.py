@@ -12,9 +12,10 @@ from dsp.cli.common import config_dir
 from dsp.data.images import load_horses
 from dsp.errors import DspError
 from dsp.inference.gradient import GradientInference
-from dsp.models.dvn_seg import FCN, PooledValueNetwork, SegmentationValueNetwork
+from dsp.models.dvn_seg import FCN, MaskValueFeatures, PooledValueNetwork, SegmentationValueNetwork
 from dsp.objectives.segmentation import UnaryCrossEntropy
 from dsp.objectives.value import ValueObjective
+from dsp.tasks.oracles import soft_iou
 from dsp.tasks.segmentation import SegmentationTask
 
 TINY = {"base_width": 2, "depth": 2, "kernel_size": 3}
@@ -115,6 +116,43 @@ def test_pooled_value_network_takes_any_side_and_its_value_gradient_matches_fini
         PooledValueNetwork(in_channels=3, pixel_features=0)
     with pytest.raises(DspError, match="mask_layers"):
         PooledValueNetwork(in_channels=3, mask_layers=-1)
+
+
+@pytest.mark.parametrize("head,trunk_sees_mask", [("ratio", False), ("ratio", True), ("iou", False)])
+def test_ratio_heads_give_values_in_the_box_with_finite_difference_gradients(head, trunk_sees_mask):
+    model = tiny_pooled(dtype=torch.float64, head=head, trunk_sees_mask=trunk_sees_mask)
+    x = torch.rand(2, 3, 7, 7, dtype=torch.float64)
+    feats = model.features(x)
+    y = torch.rand(2, 49, dtype=torch.float64, requires_grad=True)
+    v = model.value(y, feats)
+    assert v.shape == (2,) and ((v > 0) & (v < 1)).all()
+    # min and |·| have kinks only where ȳ_p = ŷ_p, which random masks miss
+    assert torch.autograd.gradcheck(lambda t: model.value(t, feats), (y,), eps=1e-6, atol=1e-7)
+    with pytest.raises(DspError, match="model.head"):
+        PooledValueNetwork(in_channels=3, head="max")
+
+
+def test_iou_head_is_the_soft_iou_against_its_own_estimate_and_the_ascent_finds_the_estimate():
+    model = tiny_pooled(dtype=torch.float64, head="iou")
+    # trunk features with spread (the tiny trunk's are nearly constant); ŷ reads only these
+    feats = MaskValueFeatures(torch.randn(3, 2, 8, 8, dtype=torch.float64), torch.zeros(3, 8, 8, dtype=torch.float64))
+    assert model.features(torch.rand(3, 3, 8, 8, dtype=torch.float64)).features.shape == feats.features.shape
+    y_hat = torch.sigmoid(model.head(feats.features)).squeeze(1)  # [3, 8, 8]
+    y = torch.rand(3, 8, 8, dtype=torch.float64)
+    # by hand: σ(s) = (I + ε) / (I + ε + U − I + ε) with I, U the pixel means of min and max
+    i, u = torch.minimum(y, y_hat).mean((1, 2)), torch.maximum(y, y_hat).mean((1, 2))
+    eps = model.EPS
+    assert torch.allclose(model.value(y, feats), (i + eps) / (u + 2 * eps))
+    assert torch.allclose(model.value(y, feats), soft_iou(y.flatten(1), y_hat.flatten(1)), atol=1e-2)
+    # the estimate itself scores (almost) 1, and the ascent from ȳ = 0 rounds to it
+    assert (model.value(y_hat, feats) > 0.99).all()
+    with torch.no_grad():  # ŷ further from 0.5: rounding is unambiguous
+        model.head.weight.copy_(torch.tensor([3.0, -3.0]).view(1, 2, 1, 1))
+    y_hat = torch.sigmoid(model.head(feats.features)).squeeze(1)
+    res = ascent(lr=2.0, max_iter=60)(model, feats)
+    decided = (y_hat - 0.5).abs() > 0.2
+    assert decided.float().mean() > 0.5
+    assert torch.equal((res.y > 0.5)[decided], (y_hat > 0.5)[decided])
 
 
 def test_pooled_preset_trains_on_crops_and_predicts_whole_images_as_well(tmp_path):

@@ -171,16 +171,34 @@ class PooledValueNetwork(MaskValueNetwork):
     the mask's shape, but every ascent step runs the whole UNet. False: the trunk reads the image
     alone and runs once per image (features(x)), like the multi-label DVN's feature network; ȳ
     then meets the image features in `mask_layers` 3×3 convolutions (its local shape) and the 1×1
-    per-pixel layer, and an ascent step costs only those."""
+    per-pixel layer, and an ascent step costs only those.
+
+    head picks how the per-pixel layers become s(x, ȳ):
+      "mlp"    the mean of the per-pixel features, then the MLP `hidden` (the default).
+      "ratio"  the soft IoU's own form, learned: two non-negative maps a_p, d_p (softplus of a 1×1
+               layer over the per-pixel features) and v = ā / (ā + d̄), i.e. s = log ā − log d̄
+               (bar: mean over pixels, + eps). The soft IoU is this with a_p = min(ȳ_p, y*_p)
+               and d_p = |ȳ_p − y*_p| (union − intersection), so the head has to learn only the
+               per-pixel terms, not a division.
+      "iou"    the oracle itself against a per-pixel estimate ŷ(x) = σ(1×1 layer over the trunk
+               features, which do not see ȳ): v = soft IoU(ȳ, ŷ), s = log Σ min(ȳ, ŷ) − log Σ |ȳ − ŷ|.
+               Nothing is left to learn but ŷ, so the ascent converges to ŷ: a diagnostic of
+               what the tuples' training signal can teach a per-pixel segmenter, not a value
+               network in the paper's sense."""
+
+    HEADS = ("mlp", "ratio", "iou")
+    EPS = 1e-3  # added to both pixel means of the ratio heads: keeps log finite at ȳ = 0 and ȳ = ŷ
 
     def __init__(self, in_channels: int = 3, unary: dict | None = None, pixel_features: int = 32,
                  hidden: tuple = (64,), trunk_sees_mask: bool = False, mask_layers: int = 0,
-                 ascend: str = "value"):
+                 head: str = "mlp", ascend: str = "value"):
         super().__init__(ascend)
         if pixel_features < 1 or mask_layers < 0:
             raise DspError(f"model.pixel_features={pixel_features}, model.mask_layers={mask_layers}: "
                            f"give pixel_features >= 1 and mask_layers >= 0")
-        self.trunk_sees_mask = trunk_sees_mask
+        if head not in self.HEADS:
+            raise DspError(f"model.head={head!r}: choose one of {', '.join(self.HEADS)}")
+        self.trunk_sees_mask, self.head_kind = trunk_sees_mask, head
         self.trunk = UNet(in_channels + trunk_sees_mask, out_channels=None, **dict(unary or {}))
         layers, width = [], self.trunk.out_channels + 1  # trunk features and ȳ_p again
         for _ in range(mask_layers):
@@ -188,12 +206,18 @@ class PooledValueNetwork(MaskValueNetwork):
             width = pixel_features
         layers += [nn.Conv2d(width, pixel_features, 1), nn.ReLU()]
         self.pixel = nn.Sequential(*layers)
-        layers, width = [], pixel_features
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, 1))
-        self.head = nn.Sequential(*layers)
+        if head == "mlp":
+            layers, width = [], pixel_features
+            for h in hidden:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                width = h
+            layers.append(nn.Linear(width, 1))
+            self.head = nn.Sequential(*layers)
+        elif head == "ratio":
+            self.head = nn.Conv2d(pixel_features, 2, 1)  # a_p and d_p before their softplus
+        else:
+            self.pixel = None  # ŷ(x) reads the trunk alone
+            self.head = nn.Conv2d(self.trunk.out_channels, 1, 1)  # the logit of ŷ_p
 
     def features(self, x: torch.Tensor) -> MaskValueFeatures:
         if self.trunk_sees_mask:
@@ -208,7 +232,14 @@ class PooledValueNetwork(MaskValueNetwork):
         else:
             trunk = feats.features  # [B, base_width, H, W]: the image's, from features()
             mask = y.reshape(trunk.shape[0], 1, *trunk.shape[-2:]).to(trunk.dtype)
+        if self.head_kind == "iou":
+            y_hat = torch.sigmoid(self.head(trunk))  # [B, 1, H, W]: the estimate of y*
+            a, d = torch.minimum(mask, y_hat), (mask - y_hat).abs()  # intersection, union − intersection
+            return (a.mean((1, 2, 3)) + self.EPS).log() - (d.mean((1, 2, 3)) + self.EPS).log()  # [B]
         per_pixel = self.pixel(torch.cat([trunk, mask], 1))  # [B, pixel_features, H, W]
+        if self.head_kind == "ratio":
+            a, d = F.softplus(self.head(per_pixel)).mean((2, 3)).unbind(-1)  # [B] each
+            return (a + self.EPS).log() - (d + self.EPS).log()  # σ(s) = ā / (ā + d̄), eps aside
         return self.head(per_pixel.mean((2, 3))).squeeze(-1)  # [B]
 
 
