@@ -118,7 +118,8 @@ def test_pooled_value_network_takes_any_side_and_its_value_gradient_matches_fini
         PooledValueNetwork(in_channels=3, mask_layers=-1)
 
 
-@pytest.mark.parametrize("head,trunk_sees_mask", [("ratio", False), ("ratio", True), ("iou", False)])
+@pytest.mark.parametrize("head,trunk_sees_mask", [("ratio", False), ("ratio", True), ("iou", False),
+                                                  ("iou_mlp", False)])
 def test_ratio_heads_give_values_in_the_box_with_finite_difference_gradients(head, trunk_sees_mask):
     model = tiny_pooled(dtype=torch.float64, head=head, trunk_sees_mask=trunk_sees_mask)
     x = torch.rand(2, 3, 7, 7, dtype=torch.float64)
@@ -130,6 +131,17 @@ def test_ratio_heads_give_values_in_the_box_with_finite_difference_gradients(hea
     assert torch.autograd.gradcheck(lambda t: model.value(t, feats), (y,), eps=1e-6, atol=1e-7)
     with pytest.raises(DspError, match="model.head"):
         PooledValueNetwork(in_channels=3, head="max")
+
+
+def test_corrected_iou_head_starts_as_the_iou_head_and_its_correction_learns():
+    model = tiny_pooled(dtype=torch.float64, head="iou_mlp")
+    feats = model.features(torch.rand(3, 3, 8, 8, dtype=torch.float64))
+    y = torch.rand(3, 64, dtype=torch.float64)
+    y_hat = torch.sigmoid(model.head(feats.features)).flatten(1)
+    i, u = torch.minimum(y, y_hat).mean(1), torch.maximum(y, y_hat).mean(1)
+    assert torch.allclose(model.value(y, feats), (i + model.EPS) / (u + 2 * model.EPS))  # correction 0
+    model.score(y, feats).sum().backward()
+    assert model.correction[-1].weight.grad.abs().sum() > 0  # ... but not stuck there
 
 
 def test_iou_head_is_the_soft_iou_against_its_own_estimate_and_the_ascent_finds_the_estimate():

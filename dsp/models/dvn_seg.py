@@ -157,6 +157,15 @@ class SegmentationValueNetwork(MaskValueNetwork):
         return self.head(self.conv(self.stacked(y, feats)).flatten(1)).squeeze(-1)  # [B]
 
 
+def pooled_mlp(width: int, hidden) -> nn.Sequential:
+    """The MLP from the pixel mean of the per-pixel features [B, width] to one score [B, 1]."""
+    layers = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
 class PooledValueNetwork(MaskValueNetwork):
     """A fully convolutional value network (ours, not in the paper): a UNet trunk, per-pixel layers
     over its features and ȳ, the mean over pixels, then a small MLP to s(x, ȳ).
@@ -184,9 +193,13 @@ class PooledValueNetwork(MaskValueNetwork):
                features, which do not see ȳ): v = soft IoU(ȳ, ŷ), s = log Σ min(ȳ, ŷ) − log Σ |ȳ − ŷ|.
                Nothing is left to learn but ŷ, so the ascent converges to ŷ: a diagnostic of
                what the tuples' training signal can teach a per-pixel segmenter, not a value
-               network in the paper's sense."""
+               network in the paper's sense.
+      "iou_mlp" "iou" plus a learned correction: s = s_iou + the "mlp" head's score over the
+               per-pixel features of [trunk, ȳ] (its last layer starts at zero, so training starts
+               from "iou"). The correction can learn what the oracle form cannot: a shape prior,
+               and the calibration of v on the masks the ascent visits."""
 
-    HEADS = ("mlp", "ratio", "iou")
+    HEADS = ("mlp", "ratio", "iou", "iou_mlp")
     EPS = 1e-3  # added to both pixel means of the ratio heads: keeps log finite at ȳ = 0 and ȳ = ŷ
 
     def __init__(self, in_channels: int = 3, unary: dict | None = None, pixel_features: int = 32,
@@ -207,17 +220,16 @@ class PooledValueNetwork(MaskValueNetwork):
         layers += [nn.Conv2d(width, pixel_features, 1), nn.ReLU()]
         self.pixel = nn.Sequential(*layers)
         if head == "mlp":
-            layers, width = [], pixel_features
-            for h in hidden:
-                layers += [nn.Linear(width, h), nn.ReLU()]
-                width = h
-            layers.append(nn.Linear(width, 1))
-            self.head = nn.Sequential(*layers)
+            self.head = pooled_mlp(pixel_features, hidden)
         elif head == "ratio":
             self.head = nn.Conv2d(pixel_features, 2, 1)  # a_p and d_p before their softplus
         else:
-            self.pixel = None  # ŷ(x) reads the trunk alone
-            self.head = nn.Conv2d(self.trunk.out_channels, 1, 1)  # the logit of ŷ_p
+            self.head = nn.Conv2d(self.trunk.out_channels, 1, 1)  # the logit of ŷ_p, from the trunk alone
+            self.pixel = None if head == "iou" else self.pixel
+            self.correction = pooled_mlp(pixel_features, hidden) if head == "iou_mlp" else None
+            if self.correction is not None:
+                nn.init.zeros_(self.correction[-1].weight)
+                nn.init.zeros_(self.correction[-1].bias)
 
     def features(self, x: torch.Tensor) -> MaskValueFeatures:
         if self.trunk_sees_mask:
@@ -232,10 +244,14 @@ class PooledValueNetwork(MaskValueNetwork):
         else:
             trunk = feats.features  # [B, base_width, H, W]: the image's, from features()
             mask = y.reshape(trunk.shape[0], 1, *trunk.shape[-2:]).to(trunk.dtype)
-        if self.head_kind == "iou":
+        if self.head_kind in ("iou", "iou_mlp"):
             y_hat = torch.sigmoid(self.head(trunk))  # [B, 1, H, W]: the estimate of y*
             a, d = torch.minimum(mask, y_hat), (mask - y_hat).abs()  # intersection, union − intersection
-            return (a.mean((1, 2, 3)) + self.EPS).log() - (d.mean((1, 2, 3)) + self.EPS).log()  # [B]
+            s = (a.mean((1, 2, 3)) + self.EPS).log() - (d.mean((1, 2, 3)) + self.EPS).log()  # [B]
+            if self.correction is None:
+                return s
+            per_pixel = self.pixel(torch.cat([trunk, mask], 1))  # [B, pixel_features, H, W]
+            return s + self.correction(per_pixel.mean((2, 3))).squeeze(-1)
         per_pixel = self.pixel(torch.cat([trunk, mask], 1))  # [B, pixel_features, H, W]
         if self.head_kind == "ratio":
             a, d = F.softplus(self.head(per_pixel)).mean((2, 3)).unbind(-1)  # [B] each
