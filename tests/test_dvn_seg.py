@@ -131,6 +131,8 @@ def test_ratio_heads_give_values_in_the_box_with_finite_difference_gradients(hea
     assert torch.autograd.gradcheck(lambda t: model.value(t, feats), (y,), eps=1e-6, atol=1e-7)
     with pytest.raises(DspError, match="model.head"):
         PooledValueNetwork(in_channels=3, head="max")
+    with pytest.raises(DspError, match="trunk_sees_mask=false"):  # ŷ must not read ȳ
+        PooledValueNetwork(in_channels=3, head="iou", trunk_sees_mask=True)
 
 
 def test_corrected_iou_head_starts_as_the_iou_head_and_its_correction_learns():

@@ -211,6 +211,8 @@ class PooledValueNetwork(MaskValueNetwork):
                            f"give pixel_features >= 1 and mask_layers >= 0")
         if head not in self.HEADS:
             raise DspError(f"model.head={head!r}: choose one of {', '.join(self.HEADS)}")
+        if head.startswith("iou") and trunk_sees_mask:
+            raise DspError(f"model.head={head} estimates y* from the image alone: set model.trunk_sees_mask=false")
         self.trunk_sees_mask, self.head_kind = trunk_sees_mask, head
         self.trunk = UNet(in_channels + trunk_sees_mask, out_channels=None, **dict(unary or {}))
         layers, width = [], self.trunk.out_channels + 1  # trunk features and ȳ_p again
@@ -219,6 +221,7 @@ class PooledValueNetwork(MaskValueNetwork):
             width = pixel_features
         layers += [nn.Conv2d(width, pixel_features, 1), nn.ReLU()]
         self.pixel = nn.Sequential(*layers)
+        self.correction = None
         if head == "mlp":
             self.head = pooled_mlp(pixel_features, hidden)
         elif head == "ratio":
