@@ -227,12 +227,18 @@ class PooledValueNetwork(MaskValueNetwork):
         elif head == "ratio":
             self.head = nn.Conv2d(pixel_features, 2, 1)  # a_p and d_p before their softplus
         else:
-            self.head = nn.Conv2d(self.trunk.out_channels, 1, 1)  # the logit of ŷ_p, from the trunk alone
+            # the logit of ŷ_p, from the trunk alone (named head like the other kinds' last layer)
+            self.head = nn.Conv2d(self.trunk.out_channels, 1, 1)
             self.pixel = None if head == "iou" else self.pixel
             self.correction = pooled_mlp(pixel_features, hidden) if head == "iou_mlp" else None
             if self.correction is not None:
                 nn.init.zeros_(self.correction[-1].weight)
                 nn.init.zeros_(self.correction[-1].bias)
+
+    @classmethod
+    def log_ratio(cls, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """s = log ā − log d̄ [B] from the pixel means ā, d̄ [B], so that σ(s) = ā / (ā + d̄), eps aside."""
+        return (a + cls.EPS).log() - (d + cls.EPS).log()
 
     def features(self, x: torch.Tensor) -> MaskValueFeatures:
         if self.trunk_sees_mask:
@@ -250,7 +256,7 @@ class PooledValueNetwork(MaskValueNetwork):
         if self.head_kind in ("iou", "iou_mlp"):
             y_hat = torch.sigmoid(self.head(trunk))  # [B, 1, H, W]: the estimate of y*
             a, d = torch.minimum(mask, y_hat), (mask - y_hat).abs()  # intersection, union − intersection
-            s = (a.mean((1, 2, 3)) + self.EPS).log() - (d.mean((1, 2, 3)) + self.EPS).log()  # [B]
+            s = self.log_ratio(a.mean((1, 2, 3)), d.mean((1, 2, 3)))  # [B]
             if self.correction is None:
                 return s
             per_pixel = self.pixel(torch.cat([trunk, mask], 1))  # [B, pixel_features, H, W]
@@ -258,7 +264,7 @@ class PooledValueNetwork(MaskValueNetwork):
         per_pixel = self.pixel(torch.cat([trunk, mask], 1))  # [B, pixel_features, H, W]
         if self.head_kind == "ratio":
             a, d = F.softplus(self.head(per_pixel)).mean((2, 3)).unbind(-1)  # [B] each
-            return (a + self.EPS).log() - (d + self.EPS).log()  # σ(s) = ā / (ā + d̄), eps aside
+            return self.log_ratio(a, d)
         return self.head(per_pixel.mean((2, 3))).squeeze(-1)  # [B]
 
 
