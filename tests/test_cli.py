@@ -114,6 +114,14 @@ def test_train_then_eval_end_to_end(tmp_path):
     proc = run_cli("dsp-eval", f"run_dir={run}", "+set.inference.max_iters=1", "out=eval_typo")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no key 'inference.max_iters'" in proc.stdout + proc.stderr and not (run / "eval_typo").exists()
+    # another evaluation into a folder that holds one is refused, and the first one is kept
+    proc = run_cli("dsp-eval", f"run_dir={run}", "split=val", "ckpt=last")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "holds another evaluation (split=test ckpt=best)" in proc.stderr and "out=eval_val_last" in proc.stderr
+    assert json.loads((run / "eval" / "metrics.json").read_text()) == evaluated
+    assert run_cli("dsp-eval", f"run_dir={run}").returncode == 0  # the same evaluation again replaces it
+    proc = run_cli("dsp-eval", f"run_dir={run}", "split=val", "overwrite=true")
+    assert proc.returncode == 0 and "val/example_f1" in json.loads((run / "eval" / "metrics.json").read_text())
 
     import dsp  # and from Python, without Hydra
     loaded = dsp.load_run(run)
@@ -186,9 +194,22 @@ def test_eval_without_or_with_a_corrupted_checkpoint_says_so(tmp_path):
     proc = run_cli("dsp-eval", f"run_dir={tmp_path}")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
+    # a truncated zip, and a text file (which torch's legacy reader fails on with a KeyError)
+    for junk in (b"PK\x03\x04 truncated", b"not a checkpoint\n"):
+        (tmp_path / "checkpoints" / "best.pt").write_bytes(junk)
+        proc = run_cli("dsp-eval", f"run_dir={tmp_path}")
+        assert proc.returncode == 2 and "corrupted" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_names_what_to_pass_for_no_run_folder_or_a_sweep_folder(tmp_path):
+    proc = run_cli("dsp-eval")
+    assert proc.returncode == 2 and "pass run_dir=" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "multirun.yaml").write_text("{}\n")
+    for job in ("0", "1"):
+        (tmp_path / job / "checkpoints").mkdir(parents=True)
     proc = run_cli("dsp-eval", f"run_dir={tmp_path}")
-    assert proc.returncode == 2 and "corrupted" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "is a sweep folder" in proc.stderr
+    assert f"run_dir={tmp_path / '0'}" in proc.stderr and "dsp-summary" in proc.stderr
 
 
 def test_multirun_sweep_gives_each_job_a_folder_and_survives_a_failed_job(tmp_path):
@@ -197,7 +218,7 @@ def test_multirun_sweep_gives_each_job_a_folder_and_survives_a_failed_job(tmp_pa
     sweep = tmp_path / "sweep"
     proc = run_cli("dsp-train", "-m", *QUICK, "data=mulan", f"data.train={tr}", f"data.test={te}",
                    f"data.labels_xml={xml}", "data.num_labels=9,null", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1 and "1 job(s) of the sweep failed (job 0); the others finished" in proc.stderr
     assert "job 0" in proc.stderr and "num_labels=9" in proc.stderr and "Traceback" not in proc.stderr
     assert (sweep / "1" / "metrics.json").is_file() and not (sweep / "0" / "metrics.json").exists()
     assert (sweep / "1" / ".hydra" / "config.yaml").is_file()
@@ -208,11 +229,70 @@ def test_training_into_a_finished_run_folder_is_refused_and_leaves_it_intact(tmp
     args = [*QUICK, *TINY_SYNTHETIC, "trainer=default", f"hydra.run.dir={run}"]
     assert run_cli("dsp-train", *args).returncode == 0
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
     metrics = (run / "metrics.json").read_text()
-    proc = run_cli("dsp-train", *args)
+    proc = run_cli("dsp-train", *args, "seed=5")
     assert proc.returncode == 2 and "trainer.resume=true" in proc.stderr and "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     assert (run / "metrics.json").read_text() == metrics
+    # refused before Hydra writes the folder's record, so .hydra/ still describes the run that is there
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == record
+    # a finished run whose checkpoints were deleted to save space keeps its results too
+    for p in (run / "checkpoints").iterdir():
+        p.unlink()
+    proc = run_cli("dsp-train", *args)
+    assert proc.returncode == 2 and "metrics.json" in proc.stderr and (run / "metrics.json").read_text() == metrics
+    proc = run_cli("dsp-train", *args, "trainer.resume=true")
+    assert proc.returncode == 2 and "no checkpoint to resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sweep_into_a_used_sweep_folder_is_refused_before_any_job_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / "checkpoints").mkdir(parents=True)
+    (sweep / "0" / "checkpoints" / "best.pt").write_bytes(b"a run's checkpoint")
+    (sweep / "multirun.yaml").write_text("the first sweep\n")
+    proc = run_cli("dsp-train", "-m", *QUICK, *TINY_SYNTHETIC, "seed=1,2", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2 and "hydra.sweep.dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert (sweep / "multirun.yaml").read_text() == "the first sweep\n" and not (sweep / "1").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.lr=fast", "trainer.lr='fast': give a number"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs='abc': give a whole number"),
+    ("trainer.batch_size=1.5", "trainer.batch_size=1.5: give a whole number"),
+    ("trainer.max_steps=-1", "trainer.max_steps=-1: give a whole number at least 1"),
+    ("trainer.threshold=high", "trainer.threshold='high': give tune"),
+    ("trainer.ema_decay=1", "trainer.ema_decay=1: give a number between 0 and 1"),
+    ("trainer.device=gpu", "trainer.device='gpu': choose auto, cpu, cuda or cuda:N"),
+    ("trainer.stages.joint.lr=x", "trainer.stages.joint.lr='x': give a number"),
+    ("seed=abc", "seed='abc': give a whole number"),
+    ("+trainer.max_epoch=1", "trainer.max_epoch is not a trainer setting (did you mean trainer.max_epochs?)"),
+])
+def test_a_trainer_setting_of_the_wrong_type_is_refused_by_name(override, message):
+    from dsp.training.config_checks import check_seed, check_trainer
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["trainer=staged", override])
+    with pytest.raises(DspError) as err:
+        check_seed(cfg.seed)
+        check_trainer(cfg.trainer)
+    assert message in str(err.value)
+
+
+def test_the_shipped_trainer_settings_pass_the_start_up_checks():
+    from dsp.training.config_checks import check_seed, check_trainer
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        for preset in PRESETS:
+            cfg = compose("config", overrides=[f"experiment={preset}"])
+            check_seed(cfg.seed)
+            check_trainer(cfg.trainer)
+
+
+def test_a_bad_setting_fails_before_training_without_a_traceback(tmp_path):
+    proc = run_cli("dsp-train", *QUICK, *TINY_SYNTHETIC, "trainer.threshold=high", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "trainer.threshold='high'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any epoch was spent
 
 
 def test_chain_crf_train_then_eval_writes_sequence_predictions(tmp_path):

@@ -26,6 +26,7 @@ from dsp.cli.common import config_dir
 from dsp.cli.train import train
 from dsp.errors import DspError
 from dsp.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
+from dsp.training.preemption import Preempted, StopRequest
 
 STAGED = ["data.num_train=64", "data.num_val=32", "data.num_test=48", "trainer.max_epochs=2",
           "trainer.progress=false", "inference.max_iter=5", "trainer.batch_size=16", "trainer.lr=0.05",
@@ -158,9 +159,27 @@ def test_corrupted_last_falls_back_to_the_previous_one_with_a_warning(tmp_path, 
     capsys.readouterr()
     resumed = train(tiny_cfg(3, resume=True), run)
     err = capsys.readouterr().err
-    assert "warning:" in err and "corrupted" in err and "last.prev.pt" in err
+    assert "warning:" in err and "last.pt is unreadable" in err and "last.prev.pt" in err
+    assert "ckpt=" not in err  # dsp-eval's advice does not belong in a resume warning
     assert {k: v for k, v in resumed.items() if k not in RUN_DEPENDENT} == \
         {k: v for k, v in reference.items() if k not in RUN_DEPENDENT}
+
+
+def test_sigterm_during_the_final_evaluation_stops_at_once_with_the_way_on():
+    """After training nothing is left to save: SIGTERM must not wait for a safe point that will
+    not come (a long evaluation would outlast a scheduler's grace period)."""
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # during training: only noted, for the next safe point
+        assert stop.requested
+        with pytest.raises(Preempted, match="already"):
+            stop.stop_at_once("already asked")  # a request during the last validation stops here
+    with StopRequest() as stop:
+        stop.stop_at_once("stopped in the final evaluation")
+        with pytest.raises(Preempted, match="final evaluation"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises at the next bytecode of the main thread
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is given back
 
 
 def test_resume_with_both_checkpoints_unreadable_names_them(tmp_path):

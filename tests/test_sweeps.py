@@ -95,11 +95,11 @@ def test_optuna_sweep_stores_the_study_and_a_second_run_continues_it(tmp_path):
     trials = optuna.load_study(study_name="spen_optuna", storage=storage).trials
     assert [t.value for t in trials] == pytest.approx([values[0], values[1]])
 
-    # continue the study; this trial fails, is reported with its folder and recorded, and the sweep ends normally
+    # continue the study; this trial fails, is reported with its folder and recorded, and the sweep exits 1
     second = tmp_path / "second"
     proc = dsp_train("hparams_search=spen_optuna", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}",
                    f"hydra.sweep.dir={second}", "trainer.optimizer=bogus", *QUICK, *TINY_SYNTHETIC)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1 and "1 job(s) of the sweep failed" in proc.stderr, proc.stderr
     assert f"job 0 ({second / '0'}) failed" in proc.stderr and "optimizer='bogus'" in proc.stderr
     assert "Traceback" not in proc.stderr
     trials = optuna.load_study(study_name="spen_optuna", storage=storage).trials

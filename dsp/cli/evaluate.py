@@ -1,4 +1,4 @@
-"""dsp-eval run_dir=DIR [split=test] [ckpt=best] [predict=local] [+set.KEY=VALUE ...] [out=eval]:
+"""dsp-eval run_dir=DIR [split=test] [ckpt=best] [predict=local] [+set.KEY=VALUE ...] [out=eval] [overwrite=true]:
 re-evaluate a trained run's checkpoint.
 
 `predict=local` scores the local (unary) term alone, e.g. a jointly trained CRF's unaries without
@@ -10,8 +10,10 @@ decision threshold stays the one tuned on validation for the checkpoint's own mo
 prediction-side settings (+set.data.test_crops=36 +set.data.combine=joint
 +set.inference.max_iter=50); give `out` a new folder name so the default evaluation is kept.
 
-Writes DIR/eval/metrics.json ("<split>/<metric>"), DIR/eval/predictions.npz and
+Writes DIR/eval/metrics.json ("<split>/<metric>"), DIR/eval/predictions.npz,
+DIR/eval/evaluation.json (the split, ckpt, predict and +set changes evaluated) and
 DIR/eval/environment.json (where it was computed: dsp.training.provenance) and prints the metrics.
+An evaluation folder holding a different evaluation is not replaced unless overwrite=true.
 Multi-label: pred and target uint8 [N, L], score float32 [N, L]; sequences: pred and target
 int64 [N, T] padded with -1, lengths [N], labels (index -> tag name); segmentation: pred and target
 uint8 [N, H, W], score float32 [N, H, W]; denoising: pred, target, noisy float32 [N, H, W] in [0, 1].
@@ -24,11 +26,12 @@ models predicted by gradient inference (the DVN) get eval/shape_prior.png and ev
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dsp.build import load_run
 from dsp.cli.common import config_dir, print_table, user_errors
@@ -38,6 +41,8 @@ from dsp.training.checkpoint import _atomic, write_json
 from dsp.training.provenance import environment
 from dsp.training.stages import check_predict_mode
 from dsp.training.trainer import resolve_device
+
+EVALUATION = "evaluation.json"  # what an evaluation folder holds: split, ckpt, predict and +set changes
 
 
 def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None, predict=None):
@@ -88,22 +93,69 @@ def save_png(image: np.ndarray, path: Path) -> None:
     _atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
-@user_errors
-def _main(cfg: DictConfig) -> None:
+def _check_run_dir(cfg: DictConfig) -> Path:
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise DspError("pass run_dir=<a run folder>, the hydra.run.dir that dsp-train wrote (its default: "
+                       "outputs/<model>_<data>/<date_time>)")
     run_dir = Path(cfg.run_dir)
-    device = resolve_device(cfg.device)
-    out = str(cfg.out)
+    if (run_dir / "multirun.yaml").is_file() and not (run_dir / "checkpoints").is_dir():
+        jobs = sorted((p.name for p in run_dir.iterdir() if (p / "checkpoints").is_dir()), key=lambda n: (len(n), n))
+        example = f"run_dir={run_dir / jobs[0]}" if jobs else "run_dir=<sweep folder>/<job number>"
+        raise DspError(f"{run_dir} is a sweep folder, not a run: pass one of its jobs ({example}), or "
+                       f"tabulate them all with dsp-summary sweep_dir={run_dir}")
+    return run_dir
+
+
+def _check_out(run_dir: Path, out: str, spec: dict, overwrite: bool) -> None:
+    """An evaluation folder is only replaced by the same evaluation (split, checkpoint, prediction
+    mode and +set changes), unless overwrite=true: a second dsp-eval never silently discards the
+    first one's results."""
     if not out or Path(out).name != out or out in (".", ".."):
         raise DspError(f"out={out!r} must be a plain folder name inside the run folder (e.g. eval_joint36)")
+    folder = run_dir / out
+    if overwrite or not (folder / "metrics.json").is_file():
+        return
+    try:
+        held = json.loads((folder / EVALUATION).read_text())
+    except (OSError, ValueError):  # a folder from before evaluation.json: its metrics name the split
+        try:
+            splits = {k.split("/")[0] for k in json.loads((folder / "metrics.json").read_text())}
+        except (OSError, ValueError, AttributeError):
+            splits = {"unknown"}
+        held = spec if splits == {spec["split"]} else {"split": ", ".join(sorted(splits))}
+    if held != spec:
+        what = " ".join(f"{k}={held[k]}" for k in ("split", "ckpt", "predict", "set") if held.get(k) not in (None, {}))
+        raise DspError(f"{folder} holds another evaluation ({what}); keep both with out=<a new folder name> "
+                       f"(e.g. out=eval_{spec['split']}_{spec['ckpt']}), or replace it with overwrite=true")
+
+
+@user_errors
+def _main(cfg: DictConfig) -> None:
+    run_dir = _check_run_dir(cfg)
+    device = resolve_device(cfg.device)
+    out = str(cfg.out)
+    spec = {"split": cfg.split, "ckpt": cfg.ckpt, "predict": cfg.get("predict"),
+            "set": OmegaConf.to_container(cfg.set, resolve=True)}
+    _check_out(run_dir, out, spec, bool(cfg.get("overwrite")))
     metrics, arrays, figures = _evaluate(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size, cfg.set,
                                          cfg.get("predict"))
+    write_json(spec, run_dir / out / EVALUATION)
     write_json(metrics, run_dir / out / "metrics.json")
     write_json([environment(device)], run_dir / out / "environment.json")  # what computed these metrics
     save_npz(arrays, run_dir / out / "predictions.npz")
     for name, image in figures.items():
         save_png(image, run_dir / out / f"{name}.png")
     mode = f", predict={cfg.predict}" if cfg.get("predict") else ""
-    print_table(metrics, f"{run_dir} ({cfg.ckpt}.pt, {cfg.split} split{mode}):")
+    changes = "".join(f", {k}={v}" for k, v in _flat(spec["set"]).items())
+    print_table(metrics, f"{run_dir} ({cfg.ckpt}.pt, {cfg.split} split{mode}{changes}) -> {run_dir / out}:")
+
+
+def _flat(tree: dict, prefix: str = "set.") -> dict:
+    """{"data": {"test_crops": 36}} -> {"set.data.test_crops": 36}"""
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ from dsp.build import build_run
 from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training import distributed
+from dsp.training.checkpoint import refuse_used_run_dir
+from dsp.training.config_checks import check_seed, check_trainer
 from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted
 from dsp.training.stages import build_stages
 from dsp.training.trainer import Trainer, resolve_device
@@ -41,9 +43,40 @@ class CreateSweepFolder(Callback):
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
 
 
+class GuardUsedFolders(Callback):
+    """hydra.callbacks entry of every run: refuse a run or sweep folder that holds another run's
+    results before Hydra rewrites the folder's .hydra/ record (which it does before the task starts,
+    so the trainer's own check would come too late to keep that record)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, lambda: [Path(config.hydra.run.dir)])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        def jobs():
+            sweep = Path(config.hydra.sweep.dir)
+            return [sweep] + sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
+
+        self._check(config, jobs)
+
+    @staticmethod
+    def _check(config: DictConfig, folders) -> None:
+        if OmegaConf.select(config, "trainer.resume", default=False) is True:
+            return
+        HydraConfig.instance().set_config(config)  # the folder names use ${hydra:...}
+        try:
+            for folder in folders():
+                refuse_used_run_dir(folder)
+        except DspError as err:
+            where = "hydra.sweep.dir" if config.hydra.mode == RunMode.MULTIRUN else "hydra.run.dir"
+            print(f"error: {str(err).replace('hydra.run.dir', where)}", file=sys.stderr)
+            sys.exit(2)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one run into `run_dir` and return its final metrics (also usable without the CLI).
     With trainer.strategy=ddp (under torchrun) every rank calls this; rank 0's run_dir is used."""
+    check_seed(cfg.seed)
+    check_trainer(cfg.trainer)
     dist = distributed.setup(cfg.trainer.get("strategy"), cfg.trainer.device)
     try:
         device = dist.device if dist.enabled else resolve_device(cfg.trainer.device)
@@ -83,6 +116,10 @@ def _main(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         metrics = train(cfg, run_dir)
+    except KeyboardInterrupt:
+        print(f"interrupted: checkpoints written so far are intact; continue with trainer.resume=true "
+              f"hydra.run.dir={run_dir}", file=sys.stderr)
+        sys.exit(130)
     except Preempted as stop:  # the whole process is going away: a sweep stops here too
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"stopped: {stop}", file=sys.stderr)
@@ -108,12 +145,16 @@ class JobFailed(Exception):
     """A sweep job that failed, raised to sweepers that optimise the return value (Optuna)."""
 
 
+_FAILED_JOBS: list[str] = []  # this process's failed sweep jobs: the sweep's exit status is 1 if any
+
+
 def _failed_job(hydra_cfg, run_dir: Path, err: Exception) -> float:
     """In a sweep one failed job is reported, with its folder, and the others go on."""
     if not isinstance(err, (DspError, OmegaConfBaseException)):
         traceback.print_exc()  # not a bad setting but a bug: keep the traceback
     message = f"job {hydra_cfg.job.num} ({run_dir}) failed: {err}"
     print(f"error: {message}", file=sys.stderr)
+    _FAILED_JOBS.append(f"job {hydra_cfg.job.num}")
     if str(hydra_cfg.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
         return float("nan")  # the basic sweeper ignores return values but stops at an exception
     # Optuna records an exception as a failed trial (a NaN objective would end its sweep instead).
@@ -122,6 +163,10 @@ def _failed_job(hydra_cfg, run_dir: Path, err: Exception) -> float:
 
 def main() -> None:
     hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_main)()
+    if _FAILED_JOBS:  # jobs run in this process (the basic launcher): a script sees the failure
+        print(f"error: {len(_FAILED_JOBS)} job(s) of the sweep failed ({', '.join(_FAILED_JOBS)}); "
+              f"the others finished", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import os
 import pickle
 import random
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +57,15 @@ def write_json(obj, path: str | os.PathLike) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
+class UnreadableCheckpoint(DspError):
+    """A checkpoint file that exists but cannot be read: damaged, truncated or not a checkpoint."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"checkpoint {path} is corrupted or truncated ({reason}); "
+                         f"use the other checkpoint (ckpt=last or ckpt=best) or retrain")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a dsp checkpoint, turning a missing, damaged or unsafe file into a clear DspError."""
     path = Path(path)
@@ -69,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         with torch.serialization.safe_globals(_LEGACY_NUMPY):
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 -- a damaged file fails anywhere in torch's readers (a text file: KeyError)
         unsafe = _unsafe_globals(path) if isinstance(err, pickle.UnpicklingError) else []
         if unsafe:
             raise DspError(
@@ -77,8 +85,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                 f"plain values; dsp loads checkpoints with torch.load(weights_only=True) so that a file "
                 f"cannot run code, and refuses this one. Use a checkpoint written by dsp-train"
             ) from None
-        raise DspError(f"checkpoint {path} is corrupted or truncated ({type(err).__name__}); "
-                       f"use the other checkpoint (ckpt=last or ckpt=best) or retrain") from None
+        raise UnreadableCheckpoint(path, type(err).__name__) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DspError(f"{path} is not a dsp checkpoint (no model weights or config inside)")
     return state
@@ -89,6 +96,22 @@ def _unsafe_globals(path: Path) -> list[str]:
         return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not even a readable archive: it is damaged, not unsafe
         return []
+
+
+def held_results(run_dir: str | os.PathLike) -> list[Path]:
+    """What a run folder already holds that a fresh run would overwrite: checkpoints, metrics.json."""
+    run_dir = Path(run_dir)
+    found = sorted((run_dir / "checkpoints").glob("*.pt"))
+    return found + [p for p in (run_dir / "metrics.json",) if p.is_file()]
+
+
+def refuse_used_run_dir(run_dir: str | os.PathLike) -> None:
+    """A fresh run never starts in a folder that holds another run's results."""
+    held = held_results(run_dir)
+    if held:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in held[:3]) + (", ..." if len(held) > 3 else "")
+        raise DspError(f"{run_dir} already holds a run ({names}); pass trainer.resume=true to continue "
+                       f"that run, or choose another hydra.run.dir")
 
 
 def load_latest(ckpt_dir: str | os.PathLike, map_location="cpu") -> tuple[dict, Path] | None:
@@ -105,7 +128,7 @@ def load_latest(ckpt_dir: str | os.PathLike, map_location="cpu") -> tuple[dict, 
         try:
             state = load_checkpoint(path, map_location)
         except DspError as err:
-            problems.append(str(err))
+            problems.append(f"{path} is unreadable ({err.reason})" if isinstance(err, UnreadableCheckpoint) else str(err))
             continue
         if path == prev:
             print(f"warning: {problems[0]}; resuming from the previous checkpoint {prev} instead "

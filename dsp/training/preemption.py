@@ -23,8 +23,17 @@ class StopRequest:
 
     def __init__(self):
         self.requested, self._installed, self._previous = False, False, None
+        self._stop_now = None  # set by stop_at_once: the message SIGTERM then stops with
+
+    def stop_at_once(self, message: str) -> None:
+        """From here on nothing is left to save (the final evaluation): SIGTERM stops at once with
+        Preempted(message) instead of waiting for a safe point that will not come."""
+        self._stop_now = message
+        if self.requested:
+            raise Preempted(message)
 
     def __enter__(self) -> StopRequest:
+        self.requested, self._stop_now = False, None
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
             self._installed = True
@@ -34,6 +43,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        if self._stop_now is not None:
+            raise Preempted(self._stop_now)
 
     def __exit__(self, *exc) -> None:
         if self._installed:  # give back the previous handler (e.g. submitit's); None: one set outside Python

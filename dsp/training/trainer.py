@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from dsp.errors import DspError
 from dsp.tasks import takes_rows, task_for
-from dsp.training.checkpoint import (load_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state,
-                                     write_json)
+from dsp.training.checkpoint import (load_checkpoint, load_latest, refuse_used_run_dir, rng_state, save_checkpoint,
+                                     set_rng_state, write_json)
+from dsp.training.config_checks import check_trainer
 from dsp.training.distributed import Single
 from dsp.training.ema import WeightAverage
 from dsp.training.preemption import Preempted, StopRequest, after_step
@@ -209,14 +210,13 @@ class Trainer:
 
     def _resume_state(self):
         if not self.cfg.resume:
-            if any(self.ckpt_dir.glob("*.pt")):  # never overwrite a finished or running run
-                raise DspError(
-                    f"{self.run_dir} already holds checkpoints; pass trainer.resume=true to continue "
-                    f"that run, or choose another hydra.run.dir"
-                )
+            refuse_used_run_dir(self.run_dir)  # never overwrite a finished or running run
             return None
         latest = load_latest(self.ckpt_dir, map_location=self.device)  # last.pt, or last.prev.pt
         if latest is None:
+            if (self.run_dir / "metrics.json").is_file():
+                raise DspError(f"{self.run_dir} holds a finished run's metrics.json but no checkpoint to resume "
+                               f"from; choose another hydra.run.dir rather than replace its results")
             return None  # nothing to resume yet: start the run
         state, last = latest
         if state["stage_index"] >= len(self.stages) or state["stage"] != self.stages[state["stage_index"]].name:
@@ -250,9 +250,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- train
     def fit(self) -> dict:
         self.fit_start = time.time()
-        limit = self.cfg.get("max_time_s")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-            raise DspError(f"trainer.max_time_s={limit!r}: give a positive number of seconds, or null for no limit")
+        check_trainer(self.cfg)  # dsp-train checked already; Trainer is also used from Python
         self._time_spent_reported = False
         self.target_reached_s = None  # trainer.stop_at: wall time at which validation reached it
         resume = self._resume_state()
@@ -276,6 +274,10 @@ class Trainer:
                 if i > first_stage and self._out_of_budget():
                     break  # max_steps / max_time_s spent: a later stage would only re-validate its baseline
                 self._fit_stage(i, writer, resume if i == first_stage else None)
+            self._stop.stop_at_once(
+                f"SIGTERM received after training, before the final evaluation ended: the checkpoints are "
+                f"complete; write metrics.json with trainer.resume=true hydra.run.dir={self.run_dir}, or "
+                f"evaluate with dsp-eval run_dir={self.run_dir}")
             metrics = None
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
                 metrics, predict_mode = self.final_metrics()

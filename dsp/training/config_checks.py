@@ -1,0 +1,109 @@
+"""Start-up checks of the trainer's settings, so that a mistyped number is refused by its key
+before any data is loaded instead of failing as a Python error deep in training (or after a
+whole epoch, as a bad multi-label threshold would)."""
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import re
+from importlib import resources
+
+from omegaconf import DictConfig, OmegaConf
+
+from dsp.errors import DspError
+
+# key: (kind, lower bound, whether the bound itself is allowed, whether null is allowed)
+_NUMBERS = {
+    "batch_size": ("int", 1, True, False),
+    "eval_batch_size": ("int", 1, True, False),
+    "stage_epochs": ("int", 1, True, False),
+    "max_epochs": ("int", 1, True, True),
+    "max_steps": ("int", 1, True, True),
+    "patience": ("int", 0, True, False),
+    "lr_patience": ("int", 0, True, False),
+    "log_every": ("int", 1, True, False),
+    "probe_every": ("int", 0, True, False),
+    "probe_size": ("int", 1, True, False),
+    "lr": ("float", 0.0, False, False),
+    "momentum": ("float", 0.0, True, False),
+    "weight_decay": ("float", 0.0, True, False),
+    "lr_factor": ("float", 0.0, False, False),
+    "min_delta": ("float", 0.0, True, False),
+    "grad_clip": ("float", 0.0, False, True),
+    "stop_at": ("float", -math.inf, False, True),
+    "max_time_s": ("float", 0.0, False, True),
+}
+# The keys a stage may set for itself (null there means "the trainer's value").
+_STAGE_NUMBERS = ("lr", "momentum", "weight_decay", "max_epochs", "patience", "batch_size", "lr_factor", "lr_patience")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_number(where: str, value, kind: str, low: float, inclusive: bool, nullable: bool) -> None:
+    if value is None:
+        if nullable:
+            return
+        raise DspError(f"{where} is null: give a number")
+    # bool is an int to Python, and "1e-3" can reach here as a string from a YAML file.
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    what = "a whole number" if kind == "int" else "a number"
+    if number is None or not math.isfinite(number):
+        raise DspError(f"{where}={value!r}: give {what}")
+    if kind == "int" and number != int(number):
+        raise DspError(f"{where}={value!r}: give a whole number")
+    bound = f"at least {low:g}" if inclusive else f"above {low:g}"
+    if number < low or (number == low and not inclusive):
+        raise DspError(f"{where}={value!r}: give {what} {bound}")
+
+
+@functools.cache
+def _trainer_keys() -> frozenset[str]:
+    """The trainer's settings: the keys of the shipped conf/trainer/default.yaml."""
+    return frozenset(OmegaConf.load(resources.files("dsp.conf") / "trainer" / "default.yaml").keys())
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """Refuse unknown trainer settings (a key added with +trainer.… that nothing reads) and settings
+    of the wrong type or range, naming the key and what it takes."""
+    for key in trainer:
+        if key not in _trainer_keys():
+            close = difflib.get_close_matches(str(key), sorted(_trainer_keys()), n=1)
+            hint = f" (did you mean trainer.{close[0]}?)" if close else ""
+            raise DspError(f"trainer.{key} is not a trainer setting{hint}; conf/trainer/default.yaml lists them")
+    for key, spec in _NUMBERS.items():
+        if key in trainer:
+            _check_number(f"trainer.{key}", trainer[key], *spec)
+    ema = trainer.get("ema_decay")
+    if ema is not None:
+        _check_number("trainer.ema_decay", ema, "float", 0.0, False, False)
+        if float(ema) >= 1:
+            raise DspError(f"trainer.ema_decay={ema!r}: give a number between 0 and 1 (e.g. 0.999), or null")
+    threshold = trainer.get("threshold", "tune")
+    if threshold != "tune":
+        try:
+            _check_number("trainer.threshold", threshold, "float", 0.0, True, False)
+            if float(threshold) > 1:
+                raise DspError("above 1")
+        except DspError:
+            raise DspError(f"trainer.threshold={threshold!r}: give tune (chosen on validation data) "
+                           f"or a number between 0 and 1") from None
+    device = str(trainer.get("device", "auto"))
+    if not _DEVICE.match(device):
+        raise DspError(f"trainer.device={device!r}: choose auto, cpu, cuda or cuda:N")
+    for name, stage in (trainer.get("stages") or {}).items():
+        if stage is None:
+            continue
+        for key in _STAGE_NUMBERS:
+            if stage.get(key) is not None:
+                kind, low, inclusive, _ = _NUMBERS[key]
+                _check_number(f"trainer.stages.{name}.{key}", stage[key], kind, low, inclusive, True)
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DspError(f"seed={seed!r}: give a whole number, 0 or more")
