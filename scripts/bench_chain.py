@@ -41,6 +41,7 @@ import warnings
 import torch
 
 from dsp.inference import chain
+from dsp.cli.common import positive_int, user_errors
 
 #  GPU targets of the issue: dsp must be at least this many times faster than the reference.
 TARGETS = {
@@ -246,14 +247,15 @@ def row_name(task: str, library: str) -> str:
     return f"{task}_dsp" if library == "dsp" else f"{task}_reference_{library}"
 
 
+@user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--length", type=int, default=14)
-    p.add_argument("--labels", type=int, default=26)
+    p.add_argument("--batch", type=positive_int, default=512)
+    p.add_argument("--length", type=positive_int, default=14)
+    p.add_argument("--labels", type=positive_int, default=26)
     p.add_argument("--mixed-lengths", action="store_true", help="draw lengths uniformly in 1..T")
     p.add_argument("--no-references", action="store_true", help="time dsp only")
     p.add_argument("--json", help="write the rows to this file")

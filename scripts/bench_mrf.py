@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from dsp.cli.common import positive_int, user_errors
 from dsp.models.mrf import MRF
 from dsp.nn.lenet import PerPosition
 from dsp.nn.mlp import MLP
@@ -50,11 +51,12 @@ def time_iterations(model, loss_fn, x, y, iters: int, device) -> float:
     return statistics.median(times)
 
 
+@user_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--iters", type=positive_int, default=20)
+    ap.add_argument("--batch", type=positive_int, default=100)
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from dsp.errors import DspError
+from dsp.cli.common import positive_int, user_errors
 
 
 def build_untrained(args, device):
@@ -36,17 +37,18 @@ def build_untrained(args, device):
     return model, GradientInference(max_iter=args.max_iter), x, "untrained"
 
 
+@user_errors
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--labels", type=int, default=159)
-    p.add_argument("--features", type=int, default=1836)
-    p.add_argument("--examples", type=int, default=2515)
-    p.add_argument("--measurements", type=int, default=15)
-    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=4096)
+    p.add_argument("--labels", type=positive_int, default=159)
+    p.add_argument("--features", type=positive_int, default=1836)
+    p.add_argument("--examples", type=positive_int, default=2515)
+    p.add_argument("--measurements", type=positive_int, default=15)
+    p.add_argument("--max-iter", type=positive_int, default=100)
     p.add_argument("--json")
     args = p.parse_args()
     device = torch.device(args.device)

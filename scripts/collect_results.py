@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -38,10 +39,15 @@ def main() -> int:
     for run in args.runs:
         path = run / "metrics.json"
         if not path.is_file():
-            print(f"warning: {run} has no metrics.json (unfinished run?)", file=sys.stderr)
+            what = "does not exist" if not run.exists() else "has no metrics.json (unfinished run, or a sweep folder: give its jobs)"
+            print(f"warning: {run} {what}", file=sys.stderr)
             continue
-        found.append((run, json.loads(path.read_text())))
+        try:
+            found.append((run, json.loads(path.read_text())))
+        except ValueError as err:
+            print(f"warning: {path} is not valid JSON ({err}); skipped", file=sys.stderr)
     if not found:
+        print("error: no finished run among the folders given", file=sys.stderr)
         return 1
     cols = columns(found[0][1])
     print("| run | " + " | ".join(title for _, title, _ in cols) + " |")
@@ -52,7 +58,7 @@ def main() -> int:
     if args.mean and len(found) > 1:
         cells = []
         for key, _, fmt in cols:
-            values = [m[key] for _, m in found if key in m]
+            values = [float(m[key]) for _, m in found if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
             cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else "–")
         print(f"| mean ± std over {len(found)} | " + " | ".join(cells) + " |")
     return 0

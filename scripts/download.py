@@ -38,12 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("DSP_DATA_DIR") or "data",
         help="where to put the data (default: $DSP_DATA_DIR or ./data)",
     )
-    parser.add_argument("--base-url", help="mirror (http(s):// or file://) serving the canonical file names")
+    parser.add_argument("--base-url", help="mirror (http(s)://, file:// or a local folder) serving the canonical file names")
     parser.add_argument(
         "--url",
         action="append",
         dest="urls",
-        help="exact source URL; with one dataset only, repeat once per file it downloads",
+        help="exact source URL or local file; with one dataset only, repeat once per file it downloads",
     )
     parser.add_argument("--force", action="store_true", help="download again even if the files exist")
     return parser.parse_args(argv)
@@ -55,14 +55,24 @@ def run(args: argparse.Namespace) -> None:
         get_spec(name)
     if args.urls and len(names) != 1:
         raise DspError("--url can only be used with a single dataset name; use --base-url for several")
-    for name in names:
+    if Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise DspError(f"--data-dir {args.data_dir} is a file; give a folder (it is created if missing)")
+    failed = []
+    for name in names:  # one dataset failing does not stop the others
         spec = DATASETS[name]
         if not args.force and not spec.missing(args.data_dir):
             print(f"{name}: already present in {Path(args.data_dir) / spec.folder} (use --force to fetch again)")
             continue
         print(f"{name}: downloading...", flush=True)
-        files = download(name, args.data_dir, base_url=args.base_url, urls=args.urls, force=args.force)
+        try:
+            files = download(name, args.data_dir, base_url=args.base_url, urls=args.urls, force=args.force)
+        except DspError as err:
+            print(f"error: {name}: {err}", file=sys.stderr, flush=True)
+            failed.append(name)
+            continue
         print(f"{name}: {len(files)} file(s) in {Path(args.data_dir) / spec.folder}")
+    if failed:
+        raise DspError(f"{len(failed)} of {len(names)} dataset(s) failed ({', '.join(failed)}); see above")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from dsp.build import load_run
+from dsp.cli.common import square_int, user_errors
 from dsp.errors import DspError
 from dsp.tasks import task_for
 from dsp.tasks.segmentation import SegmentationTask, crop_grid, take_crops
@@ -39,11 +40,12 @@ def crops_of(run, split: str, count: int):
     return take_crops(x, corners, crop).flatten(0, 1), take_crops(y, corners, crop).flatten(0, 1)
 
 
+@user_errors
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
-    parser.add_argument("--crops", type=int, default=4, help="crops per image (a square number; default 4)")
+    parser.add_argument("--crops", type=square_int, default=4, help="crops per image (a square number; default 4)")
     parser.add_argument("--ckpt", default="best")
     args = parser.parse_args()
     print(f"| run ({args.split}, {args.crops} crops an image) | crops | " + " | ".join(COLUMNS) + " |")

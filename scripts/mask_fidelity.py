@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dsp.data.images import image_mask_pairs, read_resized
+from dsp.cli.common import positive_int, user_errors
 from dsp.errors import DspError
 from dsp.tasks.augment import affine_matrices, warp, warp_from_source, warp_matrices
 from dsp.tasks.segmentation import global_iou, mean_iou
@@ -85,11 +86,12 @@ def warp_paths(root: Path, size: int, source: int, seed: int) -> dict[str, dict[
     return rows
 
 
+@user_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--source", type=int, default=4, help="the larger copy's scale (data.warp_source_scale)")
+    parser.add_argument("--size", type=positive_int, default=32)
+    parser.add_argument("--source", type=positive_int, default=4, help="the larger copy's scale (data.warp_source_scale)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     root = args.root or Path(os.environ.get("DSP_DATA_DIR", "data")) / "weizmann_horse_db"

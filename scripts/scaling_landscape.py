@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from dsp.build import build_objective, load_run
-from dsp.cli.common import user_errors
+from dsp.cli.common import positive_int, user_errors
 from dsp.training.scaling import subset_losses
 
 
@@ -21,9 +21,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a finished dsp-train run folder of a chain CRF")
     parser.add_argument("--ckpt", default="best", help="checkpoint name (best or last)")
-    parser.add_argument("--octaves", type=int, default=2, help="grid half-width, in factors of 2")
-    parser.add_argument("--steps", type=int, default=4, help="grid points per octave")
-    parser.add_argument("--subset", type=int, default=2000, help="training examples (Algorithm 1's subset)")
+    parser.add_argument("--octaves", type=positive_int, default=2, help="grid half-width, in factors of 2")
+    parser.add_argument("--steps", type=positive_int, default=4, help="grid points per octave")
+    parser.add_argument("--subset", type=positive_int, default=2000, help="training examples (Algorithm 1's subset)")
     args = parser.parse_args()
     run = load_run(args.run_dir, ckpt=args.ckpt)
     x, y = run.data().split("train").tensors

@@ -12,8 +12,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dsp.data.word50 import load_word50
+from dsp.cli.common import positive_int, user_errors
 
 
+@user_errors
 def main() -> None:
     data_dir = Path(os.environ.get("DSP_DATA_DIR", "data"))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -21,8 +23,8 @@ def main() -> None:
     ap.add_argument("--horses", default=data_dir / "weizmann_horse_db")
     ap.add_argument("--cache-dir", default=None, help="default: $DSP_CACHE_DIR or ~/.cache/dsp")
     ap.add_argument("--split", default="train", choices=("train", "val", "test"))
-    ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--zoom", type=int, default=3)
+    ap.add_argument("--rows", type=positive_int, default=8)
+    ap.add_argument("--zoom", type=positive_int, default=3)
     ap.add_argument("--out", default="word50_samples.png")
     args = ap.parse_args()
 

@@ -345,7 +345,12 @@ def test_oov_accuracy_splits_the_token_accuracy_into_unknown_and_known_words(tmp
     assert (share * unknown + (100 - share) * known) / 100 == pytest.approx(overall, abs=0.02)
     # a run without those predictions is named, not a traceback
     proc = subprocess.run([*script, "--eval-dir", "eval_missing", str(run)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "run dsp-eval" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "run dsp-eval" in proc.stderr and "Traceback" not in proc.stderr
+    assert "none of the runs" in proc.stderr  # nothing was measured: not a success
+    # predictions of another split are refused, not broadcast into a wrong table
+    proc = subprocess.run([*script, "--split", "val", "--eval-dir", "eval_test", str(run)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "split=test, not val" in proc.stderr and "Traceback" not in proc.stderr
 
 def test_min_delta_counts_small_gains_as_no_progress(tmp_path):
     """With min_delta larger than any possible gain, every epoch is 'bad': patience 2 stops after 2."""

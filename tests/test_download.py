@@ -122,6 +122,14 @@ def test_file_urls_and_per_file_overrides(mirror, tmp_path):
     assert {"ocr/letter.data.gz", "mulan/bibtex/bibtex.xml", "conll2000/test.txt"} <= _files(data)
 
 
+def test_plain_local_paths_work_as_urls(mirror, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    monkeypatch.chdir(mirror.parent)  # a relative path too, as a user types it
+    download("ocr", data, urls=[f"{mirror.name}/letter.data.gz"])
+    download("conll2000", data, base_url=str(mirror))
+    assert {"ocr/letter.data.gz", "conll2000/test.txt"} <= _files(data)
+
+
 def test_resolve_urls_rehosts_by_file_name():
     spec = DATASETS["bibtex"]
     assert resolve_urls(spec, base_url="http://m/x/") == ["http://m/x/bibtex.rar"]

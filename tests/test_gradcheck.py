@@ -121,6 +121,9 @@ def test_entries_on_a_kink_are_reported_and_replaced(capsys):
     (["gradcheck.tol_typo=1"], "gradcheck.tol_typo"),
     (["data.num_train=8", "gradcheck.stage=nope"], "local, global, joint"),
     (["--cfg", "job"], "key=value overrides only"),
+    (["gradcheck.examples=abc"], "gradcheck.examples='abc': give a whole number"),  # not a gradient failure (1)
+    (["gradcheck.tol=0"], "gradcheck.tol=0: give a number above 0"),
+    (["gradcheck.inputs=maybe"], "gradcheck.inputs='maybe': give true or false"),
 ])
 def test_configuration_errors_exit_2_with_one_line(args, expect, capsys):
     code, out, err = gradcheck_cli(capsys, *args)

@@ -1,6 +1,7 @@
 """What both entrypoints share: where the configs live, and turning user errors into one line."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from importlib import resources
@@ -29,7 +30,7 @@ def user_errors(fn):
             print(f"error: bad configuration: {err}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted: checkpoints written so far are intact", file=sys.stderr)
+            print("interrupted: files written so far are intact (each is written whole or not at all)", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
@@ -41,3 +42,22 @@ def print_table(metrics: dict, title: str) -> None:
     for k in sorted(metrics):
         v = metrics[k]
         print(f"  {k:<{width}}  {v:10.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v!s:>10}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a count or a size), refused by argparse otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def square_int(text: str) -> int:
+    """argparse type: a square number of at least 1 (crops on a k×k grid)."""
+    value = positive_int(text)
+    if round(value ** 0.5) ** 2 != value:
+        raise argparse.ArgumentTypeError(f"{value} is not a square number (1, 4, 9, 16, 25, 36, ...)")
+    return value

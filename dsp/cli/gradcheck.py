@@ -365,13 +365,20 @@ def build(cfg: DictConfig):
 def gradcheck(cfg: DictConfig) -> Report:
     """Run the check for a composed config (see the module docstring); also usable from Python."""
     from dsp.tasks import takes_rows, task_for
+    from dsp.training.config_checks import check_number
     from dsp.training.trainer import set_seed
 
     gc = cfg.gradcheck
+    for key, kind, low, inclusive, nullable in (
+            ("examples", "int", 1, True, False), ("params_per_tensor", "int", 1, True, False),
+            ("input_entries", "int", 1, True, True), ("seed", "int", 0, True, False),
+            ("warmup", "int", 0, True, True), ("eps", "float", 0, False, False), ("tol", "float", 0, False, False),
+            ("abs_floor", "float", 0, False, False), ("roundoff", "float", 0, True, False),
+            ("jitter", "float", 0, True, True)):
+        check_number(f"gradcheck.{key}", gc.get(key), kind, low, inclusive, nullable)
+    if not isinstance(gc.inputs, bool):
+        raise DspError(f"gradcheck.inputs={gc.inputs!r}: give true or false")
     examples, per_tensor, eps, tol = int(gc.examples), int(gc.params_per_tensor), float(gc.eps), float(gc.tol)
-    if examples < 1 or per_tensor < 1 or eps <= 0 or tol <= 0 or float(gc.abs_floor) <= 0 or float(gc.roundoff) < 0:
-        raise DspError("gradcheck.examples and params_per_tensor must be >= 1; eps, tol and abs_floor > 0; "
-                       "roundoff >= 0")
     start_time = time.time()
     data, model, inference, objective = build(cfg)
     # float64 on the CPU: central differences with eps = 1e-6 need the precision. Eval mode: no

@@ -28,7 +28,7 @@ from dsp.errors import DspError
 TIMEOUT_S = 60
 _OFFLINE_HINT = (
     "If this machine has no internet access, download the file elsewhere and pass its location "
-    "with --url (a file:// URL works) or --base-url (a mirror or local folder with the same file "
+    "with --url (a local path or a file:// URL works) or --base-url (a mirror or local folder with the same file "
     "names)."
 )
 
@@ -116,6 +116,11 @@ def file_name(url: str) -> str:
     return parts[-1] if parts else url
 
 
+def as_url(location: str) -> str:
+    """A URL as given, or a local path (a mirror folder or file) as its file:// URL."""
+    return location if "://" in location else Path(location).expanduser().resolve().as_uri()
+
+
 def resolve_urls(
     spec: DatasetSpec,
     base_url: str | None = None,
@@ -126,7 +131,12 @@ def resolve_urls(
     `urls` is either a list in the order of `spec.urls` or a dict keyed by the canonical file
     name (e.g. {"train.txt.gz": "file:///mnt/conll/train.txt.gz"}).
     """
+    base_url = as_url(base_url) if base_url else None
     out = [f"{base_url.rstrip('/')}/{file_name(u)}" if base_url else u for u in spec.urls]
+    if isinstance(urls, Mapping):
+        urls = {k: as_url(v) for k, v in urls.items()}
+    elif urls is not None:
+        urls = [as_url(u) for u in urls]
     if urls is None:
         return out
     names = [file_name(u) for u in spec.urls]
@@ -196,8 +206,8 @@ def download(
 
 def _fetch(url: str, target: Path) -> Path:
     """Stream url into `target`; DspError on any network/HTTP failure."""
-    req = urllib.request.Request(url, headers={"User-Agent": "dsp-download/0.1"})
     try:
+        req = urllib.request.Request(url, headers={"User-Agent": "dsp-download/0.1"})
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp, open(target, "wb") as out:
             shutil.copyfileobj(resp, out, length=1 << 20)
     except urllib.error.HTTPError as err:

@@ -39,7 +39,9 @@ _STAGE_NUMBERS = ("lr", "momentum", "weight_decay", "max_epochs", "patience", "b
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def _check_number(where: str, value, kind: str, low: float, inclusive: bool, nullable: bool) -> None:
+def check_number(where: str, value, kind: str, low: float, inclusive: bool, nullable: bool = False) -> None:
+    """Refuse `value` unless it is a number (`kind` int: a whole one) at or above (inclusive) or above
+    `low`, or null where `nullable`; the error names `where`."""
     if value is None:
         if nullable:
             return
@@ -77,16 +79,16 @@ def check_trainer(trainer: DictConfig) -> None:
             raise DspError(f"trainer.{key} is not a trainer setting{hint}; conf/trainer/default.yaml lists them")
     for key, spec in _NUMBERS.items():
         if key in trainer:
-            _check_number(f"trainer.{key}", trainer[key], *spec)
+            check_number(f"trainer.{key}", trainer[key], *spec)
     ema = trainer.get("ema_decay")
     if ema is not None:
-        _check_number("trainer.ema_decay", ema, "float", 0.0, False, False)
+        check_number("trainer.ema_decay", ema, "float", 0.0, False, False)
         if float(ema) >= 1:
             raise DspError(f"trainer.ema_decay={ema!r}: give a number between 0 and 1 (e.g. 0.999), or null")
     threshold = trainer.get("threshold", "tune")
     if threshold != "tune":
         try:
-            _check_number("trainer.threshold", threshold, "float", 0.0, True, False)
+            check_number("trainer.threshold", threshold, "float", 0.0, True, False)
             if float(threshold) > 1:
                 raise DspError("above 1")
         except DspError:
@@ -101,7 +103,7 @@ def check_trainer(trainer: DictConfig) -> None:
         for key in _STAGE_NUMBERS:
             if stage.get(key) is not None:
                 kind, low, inclusive, _ = _NUMBERS[key]
-                _check_number(f"trainer.stages.{name}.{key}", stage[key], kind, low, inclusive, True)
+                check_number(f"trainer.stages.{name}.{key}", stage[key], kind, low, inclusive, True)
 
 
 def check_seed(seed) -> None:
