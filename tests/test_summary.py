@@ -79,6 +79,15 @@ def test_summary_errors_are_one_clear_line(case, sweep, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and expect in proc.stderr, proc.stderr
 
 
+def test_summary_of_a_sweep_where_every_job_failed_exits_1(tmp_path):
+    for job in ("0", "1"):  # what two failed jobs leave: their record, no metrics.json
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+    proc = run("dsp.cli.summary", f"sweep_dir={tmp_path}")
+    assert proc.returncode == 1 and "every job of" in proc.stderr and "Traceback" not in proc.stderr
+    assert "none (every job failed)" in (tmp_path / "summary.md").read_text()  # the table is still written
+
+
 def test_summary_over_a_key_averages_the_jobs_that_differ_only_there(sweep):
     proc = run("dsp.cli.summary", f"sweep_dir={sweep}", "over=trainer.lr")
     assert proc.returncode == 0, proc.stderr

@@ -19,6 +19,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +208,9 @@ def _main(cfg: DictConfig) -> None:
     sweep = Path(cfg.sweep_dir).resolve()
     print(f"wrote {sweep / 'summary.csv'}" + (f", {sweep / 'summary_mean.csv'}" if cfg.over else "")
           + f" and {sweep / 'summary.md'}")
+    if result["best"] is None:  # a script reading the exit status learns that nothing trained
+        print(f"error: every job of {sweep} failed", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
