@@ -114,6 +114,8 @@ def test_train_then_eval_end_to_end(tmp_path):
     proc = run_cli("dsp-eval", f"run_dir={run}", "+set.inference.max_iters=1", "out=eval_typo")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no key 'inference.max_iters'" in proc.stdout + proc.stderr and not (run / "eval_typo").exists()
+    proc = run_cli("dsp-eval", f"run_dir={run}", "+set.trainer.threshold=0.9", "out=eval_threshold")
+    assert proc.returncode == 2 and "only affect training" in proc.stderr and not (run / "eval_threshold").exists()
     # another evaluation into a folder that holds one is refused, and the first one is kept
     proc = run_cli("dsp-eval", f"run_dir={run}", "split=val", "ckpt=last")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -68,11 +68,12 @@ def test_summary_takes_a_metric_and_a_direction(sweep):
     assert float(rows[0]["val/hamming"]) >= float(rows[1]["val/hamming"])
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "not_a_sweep", "unknown_metric"])
+@pytest.mark.parametrize("case", ["missing_folder", "not_a_sweep", "a_single_run", "unknown_metric"])
 def test_summary_errors_are_one_clear_line(case, sweep, tmp_path):
     args, expect = {
         "missing_folder": ([f"sweep_dir={tmp_path / 'nowhere'}"], "does not exist"),
         "not_a_sweep": ([f"sweep_dir={tmp_path}"], "no job folders"),
+        "a_single_run": ([f"sweep_dir={sweep / '2'}"], "is a single run, not a sweep"),
         "unknown_metric": ([f"sweep_dir={sweep}", "metric=val/nope"], "val/example_f1"),
     }[case]
     proc = run("dsp.cli.summary", *args)

@@ -54,6 +54,9 @@ def collect(sweep_dir: Path) -> list[Job]:
     if not sweep_dir.is_dir():
         raise DspError(f"sweep folder {sweep_dir} does not exist; "
                        f"pass sweep_dir=<the hydra.sweep.dir of a dsp-train -m run>")
+    if (sweep_dir / ".hydra" / "overrides.yaml").is_file():
+        raise DspError(f"{sweep_dir} is a single run, not a sweep: its numbers are in {sweep_dir / 'metrics.json'}; "
+                       f"pass sweep_dir=<the folder above its jobs>")
     jobs = []
     for marker in sweep_dir.glob("**/.hydra/overrides.yaml"):
         folder = marker.parent.parent
