@@ -22,6 +22,11 @@ cd "$(dirname "$0")/.."
 out=${OUT:-outputs/gpu}
 device=${DEVICE:-cuda}
 steps=${STEPS:-"tests unrolled suite mrf accuracy"}
+for s in $steps; do  # a mistyped step name would otherwise run nothing and exit 0
+  case " tests unrolled suite mrf accuracy dvn " in *" $s "*) ;;
+    *) echo "error: STEPS has an unknown step '$s'; choose among tests unrolled suite mrf accuracy dvn" >&2; exit 2 ;;
+  esac
+done
 quick=${QUICK:-}
 runs=outputs/gpu_runs
 log="$out/device_checks.log"

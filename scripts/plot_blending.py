@@ -17,11 +17,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 
 def curve(run: Path) -> list[tuple[float, float]]:
+    if not (run / "tb").is_dir():
+        raise SystemExit(f"error: {run} has no tb/ folder: give a dsp-train run folder")
     ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
     ea.Reload()
     tags = ea.Tags()["scalars"]
-    if "train/nll_converged" not in tags:
-        raise SystemExit(f"{run}: no train/nll_converged scalars; train with trainer.probe_every > 0")
+    if "train/nll_converged" not in tags or "time/train_s" not in tags:
+        raise SystemExit(f"error: {run}: no train/nll_converged and time/train_s scalars; train an MRF with "
+                         f"trainer.probe_every > 0")
     time = {e.step: e.value for e in ea.Scalars("time/train_s")}
     return [(time[e.step], e.value) for e in ea.Scalars("train/nll_converged") if e.step in time]
 
