@@ -138,8 +138,9 @@ def override_config(cfg: DictConfig, overrides, source: str) -> DictConfig:
         return cfg
     tree = OmegaConf.to_container(overrides, resolve=True) if isinstance(overrides, DictConfig) else dict(overrides)
     for key, _ in _dotted(tree):
-        if key.split(".")[0] in ("trainer", "objective", "seed"):  # read by training only: a change would do nothing
-            raise DspError(f"{source}{key}: {key.split('.')[0]} settings only affect training, not a trained "
+        group = key.split(".")[0]
+        if group in ("trainer", "objective", "seed"):  # read by training only: a change would do nothing
+            raise DspError(f"{source}{key}: {group} settings only affect training, not a trained "
                            f"run's predictions (a multi-label threshold is the one stored with the checkpoint); "
                            f"change data, inference or model keys")
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":

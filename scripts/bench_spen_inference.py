@@ -21,7 +21,6 @@ from functools import partial
 
 import torch
 
-from dsp.errors import DspError
 from dsp.cli.common import positive_int, user_errors
 
 
@@ -52,18 +51,14 @@ def main() -> int:
     p.add_argument("--json")
     args = p.parse_args()
     device = torch.device(args.device)
-    try:
-        if args.run_dir:
-            import dsp
+    if args.run_dir:  # a DspError (no such run, no data) is printed as one line by user_errors
+        import dsp
 
-            run = dsp.load_run(args.run_dir, device=device)
-            model, inference, source = run.model, run.inference, args.run_dir
-            x = run.data().test.tensors[0].to(device)
-        else:
-            model, inference, x, source = build_untrained(args, device)
-    except DspError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        run = dsp.load_run(args.run_dir, device=device)
+        model, inference, source = run.model, run.inference, args.run_dir
+        x = run.data().test.tensors[0].to(device)
+    else:
+        model, inference, x, source = build_untrained(args, device)
     from dsp.training.predict import predict_soft
 
     predict_soft(model, inference, x[:64], args.batch_size)  # warm-up

@@ -51,15 +51,11 @@ def main() -> int:
     print(f"| run ({args.split}, {args.crops} crops an image) | crops | " + " | ".join(COLUMNS) + " |")
     print("| --- " * (len(COLUMNS) + 2) + "|")
     for run_dir in args.runs:
-        try:
-            run = load_run(run_dir, ckpt=args.ckpt)
-            if not hasattr(run.model, "value"):
-                raise DspError(f"{run_dir}: the model has no value network (model=dvn_seg)")
-            x, y = crops_of(run, args.split, args.crops)
-            d = value_diagnosis(run.model, run.inference, x, y)
-        except DspError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        run = load_run(run_dir, ckpt=args.ckpt)  # a DspError is printed as one line by user_errors
+        if not hasattr(run.model, "value"):
+            raise DspError(f"{run_dir}: the model has no value network (model=dvn_seg)")
+        x, y = crops_of(run, args.split, args.crops)
+        d = value_diagnosis(run.model, run.inference, x, y)
         print(f"| {run_dir} | {d['crops']} | " + " | ".join(f"{d[k]:.2f}" for k in COLUMNS) + " |")
     return 0
 

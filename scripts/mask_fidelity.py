@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsp.data.images import image_mask_pairs, read_resized
 from dsp.cli.common import positive_int, user_errors
-from dsp.errors import DspError
+from dsp.data.images import image_mask_pairs, read_resized
 from dsp.tasks.augment import affine_matrices, warp, warp_from_source, warp_matrices
 from dsp.tasks.segmentation import global_iou, mean_iou
 
@@ -95,12 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     root = args.root or Path(os.environ.get("DSP_DATA_DIR", "data")) / "weizmann_horse_db"
-    try:
-        rows = fidelity(root, args.size)
-        warps = warp_paths(root, args.size, args.source, args.seed)
-    except DspError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    rows = fidelity(root, args.size)  # a DspError (no such folder) is printed as one line by user_errors
+    warps = warp_paths(root, args.size, args.source, args.seed)
     print(f"{root} at {args.size}×{args.size}: the loader's masks against the exact pixel coverage")
     print(f"{'decoding':<40} {'mean IoU':>9} {'global IoU':>11} {'pixels differing %':>19}")
     for name, r in rows.items():

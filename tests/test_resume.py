@@ -182,6 +182,26 @@ def test_sigterm_during_the_final_evaluation_stops_at_once_with_the_way_on():
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is given back
 
 
+def test_the_trainer_stops_at_once_on_sigterm_in_its_final_evaluation(tmp_path, monkeypatch):
+    from dsp.training.trainer import Trainer
+
+    evaluate = Trainer.final_metrics
+
+    def final_metrics_interrupted(self):  # a scheduler's SIGTERM arrives during the test evaluation
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends; waiting for a safe point would not
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "final_metrics", final_metrics_interrupted)
+    run = tmp_path / "run"
+    with pytest.raises(Preempted, match="before the final evaluation ended"):
+        train(tiny_cfg(2), run)
+    assert (run / "checkpoints" / "best.pt").is_file() and not (run / "metrics.json").exists()
+    monkeypatch.setattr(Trainer, "final_metrics", evaluate)
+    assert train(tiny_cfg(2, resume=True), run)["train/epochs"] == 2  # resume writes metrics.json
+    assert (run / "metrics.json").is_file()
+
+
 def test_resume_with_both_checkpoints_unreadable_names_them(tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(2), run)

@@ -230,8 +230,8 @@ class PooledValueNetwork(MaskValueNetwork):
             # the logit of ŷ_p, from the trunk alone (named head like the other kinds' last layer)
             self.head = nn.Conv2d(self.trunk.out_channels, 1, 1)
             self.pixel = None if head == "iou" else self.pixel
-            self.correction = pooled_mlp(pixel_features, hidden) if head == "iou_mlp" else None
-            if self.correction is not None:
+            if head == "iou_mlp":  # a learned correction that starts at zero
+                self.correction = pooled_mlp(pixel_features, hidden)
                 nn.init.zeros_(self.correction[-1].weight)
                 nn.init.zeros_(self.correction[-1].bias)
 
