@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def load_run(run_dir, ckpt="best", device="cpu"):
+def load_run(run_dir, ckpt="best", device="cpu", overrides=None):
     """Load a trained run folder from Python, without Hydra (see `dsp.build.load_run`)."""
     from dsp.build import load_run as _load_run
 
-    return _load_run(run_dir, ckpt=ckpt, device=device)
+    return _load_run(run_dir, ckpt=ckpt, device=device, overrides=overrides)

@@ -4,30 +4,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dsp.compat import check_built, check_config
 from dsp.errors import DspError
+from dsp.instantiate import instantiate
+from dsp.seed import set_seed
+from dsp.tasks import task_for
+from dsp.training.stages import build_stages
 from dsp.training.checkpoint import load_checkpoint
-
-
-def instantiate(node, key: str):
-    """hydra.utils.instantiate, with errors that name the config key (and no wrapped traceback)."""
-    try:
-        return hydra.utils.instantiate(node)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, DspError):  # our own message, already clear
-            raise err.__cause__ from None
-        raise DspError(f"could not build `{key}` from the config: {err}") from None
 
 
 def build_data(cfg: DictConfig):
     data = instantiate(cfg.data, "data")
     dims = {"num_features": data.num_features, "num_labels": data.num_labels}
     # vocabularies (words, pos, chars for text): their sizes as dims.num_words, dims.num_pos, ...
-    dims.update({f"num_{name}": len(items) for name, items in (getattr(data, "vocab", None) or {}).items()})
+    dims.update({f"num_{name}": len(items) for name, items in (data.vocab or {}).items()})
     with open_dict(cfg):  # the model's YAML reads the sizes through ${dims.*}
         cfg.dims = dims
     return data
@@ -45,11 +38,6 @@ def build_objective(cfg: DictConfig):
     return instantiate(cfg.objective, "objective")
 
 
-# Modules whose second derivative is zero or undefined: unrolled learning differentiates ∇_y E.
-NOT_TWICE_DIFFERENTIABLE = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.Hardtanh,
-                            torch.nn.Threshold, torch.nn.MaxPool1d, torch.nn.MaxPool2d)
-
-
 def attach_inference(model: torch.nn.Module, inference) -> None:
     """Inference with trainable parts (the learned step sizes of unrolled descent) becomes the
     child `model.inference`: stages can train it, optimisers see it, checkpoints save it."""
@@ -59,51 +47,40 @@ def attach_inference(model: torch.nn.Module, inference) -> None:
         model.add_module("inference", inference)
 
 
-def check_compatible(model: torch.nn.Module, inference, objective) -> None:
-    """Refuse, at start-up, combinations that cannot learn: an unrolled objective needs an
-    unrolled optimiser and an energy that is twice differentiable in y."""
-    if not getattr(objective, "needs_second_order", False):
-        return
-    from dsp.inference.unrolled import UnrolledGradientDescent
-
-    if not isinstance(inference, UnrolledGradientDescent):
-        raise DspError(f"objective=unrolled back-propagates through the optimiser, which "
-                       f"{type(inference).__name__} does not offer: use inference=unrolled_gd "
-                       f"(or inference=unrolled_denoise for images)")
-    for part in getattr(model, "y_parts", ()):
-        module = getattr(model, part, None)
-        for name, sub in ([] if module is None else module.named_modules()):
-            if isinstance(sub, NOT_TWICE_DIFFERENTIABLE):
-                where = f"model.{part}" + (f".{name}" if name else "")
-                raise DspError(
-                    f"{where} is a {type(sub).__name__}, whose second derivative is zero or undefined, "
-                    f"but objective=unrolled differentiates the energy's gradient in y (End-to-end SPENs "
-                    f"§5). Use a smooth activation for the parts that see y, e.g. activation: softplus:25"
-                )
-
-
-def match_inference(inference, objective) -> None:
-    """Let an inference routine with a choice to make (chain decoding, method=auto) follow the
-    objective it was trained with."""
-    match = getattr(inference, "match", None)
-    if match is not None:
-        match(objective)
-
-
 def build_run(cfg: DictConfig):
     """(data, model, inference, objective) of a config, seeded and checked, as dsp-train builds
-    them: learned inference attached to the model, inference matched to the objective."""
-    from dsp.training.trainer import set_seed
-
+    them: the parts checked against each other before the data loads, learned inference attached
+    to the model, inference matched to the objective."""
+    check_config(cfg)
     set_seed(cfg.seed)
     data = build_data(cfg)
     model = build_model(cfg)
     inference = build_inference(cfg)
     objective = build_objective(cfg)
-    match_inference(inference, objective)
-    check_compatible(model, inference, objective)
+    check_built(data, model, inference, objective, cfg)
+    inference.match(objective)
     attach_inference(model, inference)
     return data, model, inference, objective
+
+
+@dataclass
+class RunParts:
+    """Everything a training run is made of, assembled from its config."""
+
+    data: object
+    task: object
+    model: torch.nn.Module
+    inference: object
+    objective: object
+    stages: list
+
+
+def assemble(cfg: DictConfig) -> RunParts:
+    """The one place a config becomes a run: its parts checked against each other before the data
+    loads (dsp.compat), then data, task, model, inference, objective and training stages built.
+    dsp-train and dsp-gradcheck call this; dsp-eval rebuilds a trained run with load_run."""
+    data, model, inference, objective = build_run(cfg)
+    return RunParts(data, task_for(data), model, inference, objective, build_stages(cfg.trainer, objective, model))
 
 
 @dataclass
@@ -169,6 +146,7 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
     path = run_dir / "checkpoints" / f"{ckpt}.pt"
     state = load_checkpoint(path, map_location=device)
     cfg = override_config(legacy_defaults(OmegaConf.create(state["config"])), overrides, "dsp-eval +set.")
+    check_config(cfg, {})  # a +set change of inference (or a user's part) that no longer fits
     model = build_model(cfg)
     inference = build_inference(cfg)
     attach_inference(model, inference)  # before loading: learned step sizes live in the state
@@ -177,5 +155,7 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
     except RuntimeError as err:
         raise DspError(f"checkpoint {path} does not fit the model its config describes: {err}") from None
     model.to(device).eval()
-    match_inference(inference, build_objective(cfg))
+    objective = build_objective(cfg)
+    check_built(None, model, inference, objective, cfg)
+    inference.match(objective)
     return LoadedRun(cfg, model, inference, None if state["threshold"] is None else float(state["threshold"]), state["predict"], state)

@@ -59,7 +59,7 @@ def main() -> int:
         x = run.data().test.tensors[0].to(device)
     else:
         model, inference, x, source = build_untrained(args, device)
-    from dsp.training.predict import predict_soft
+    from dsp.tasks.predict import predict_soft
 
     predict_soft(model, inference, x[:64], args.batch_size)  # warm-up
     times, iters = [], 0.0

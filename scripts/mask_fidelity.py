@@ -7,7 +7,7 @@ masks perfectly would score the printed mean IoU against the loader's.
 
 It then compares the two ways of warping training images (data.warp_source_scale): the size×size
 image and its 0/1 mask (scale 1) against a --source× copy and its soft mask, shrunk afterwards
-(dsp.tasks.augment.warp_from_source), one random warp per image (--seed): how far apart the two
+(dsp.data.augment.warp_from_source), one random warp per image (--seed): how far apart the two
 paths' masks are (mean IoU), and how sharp their images are (mean absolute difference of
 horizontally adjacent pixels; the unwarped loader images for reference).
 
@@ -27,7 +27,7 @@ import torch
 
 from dsp.cli.common import positive_int, user_errors
 from dsp.data.images import image_mask_pairs, read_resized
-from dsp.tasks.augment import affine_matrices, warp, warp_from_source, warp_matrices
+from dsp.data.augment import affine_matrices, warp, warp_from_source, warp_matrices
 from dsp.tasks.segmentation import global_iou, mean_iou
 
 # (name, scale, rotate, translate): sub-pixel shifts only (0.02 of the side is 0.64 pixel at 32),

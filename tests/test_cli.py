@@ -19,6 +19,7 @@ from test_word50 import write_word50_sources
 from dsp.cli.common import config_dir
 from dsp.cli.train import train
 from dsp.errors import DspError
+from dsp.objectives.local import LocalLoss
 
 TINY_SYNTHETIC = ["data.num_train=64", "data.num_val=32", "data.num_test=48"]
 QUICK = ["trainer.max_epochs=1", "trainer.progress=false", "inference.max_iter=5", "trainer.batch_size=16"]
@@ -142,12 +143,10 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert second["step"] == 2 * first["step"]
 
 
-class NanAfterLoss:
+class NanAfterLoss(LocalLoss):
     """The local loss, until it turns NaN after `after` steps (a diverging run, made on purpose)."""
 
     def __init__(self, after: int):
-        from dsp.objectives.local import LocalLoss
-
         self.after, self.calls, self.local = after, 0, LocalLoss()
 
     def loss(self, model, inference, x, y):

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from dsp.build import attach_inference, check_compatible
+from dsp.build import attach_inference
+from dsp.compat import check_built
 from dsp.errors import DspError
 from dsp.inference.unrolled import UnrolledGradientDescent
 from dsp.models.denoise import (DeepPrior, DenoisingEnergy, FeedForwardDenoiser, FieldOfExperts,
@@ -150,4 +151,4 @@ def test_feed_forward_baseline_is_residual_and_shape_preserving():
 def test_relu_deep_prior_is_refused_for_unrolled_learning():
     model = DenoisingEnergy(DeepPrior(channels=2, kernel=3, activation="relu"))
     with pytest.raises(DspError, match="model.prior.act1 is a ReLU"):
-        check_compatible(model, UnrolledGradientDescent(parameterisation="unconstrained"), UnrolledLoss(loss="mse"))
+        check_built(None, model, UnrolledGradientDescent(parameterisation="unconstrained"), UnrolledLoss(loss="mse"))

@@ -1,12 +1,16 @@
 """dsp-gradcheck: autograd against central finite differences, on tiny data written by the tests."""
 from __future__ import annotations
 
+from importlib import resources
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import write_mulan, write_ocr
+from dsp import interfaces as I
 from dsp.cli.gradcheck import load_model_defaults, main, with_model_defaults
+from dsp.gradcheck import gradcheck
 
 
 def gradcheck_cli(capsys, *args) -> tuple[int, str, str]:
@@ -31,11 +35,24 @@ def test_model_defaults_fill_only_the_groups_the_command_line_leaves_out():
     assert added == ["data=ocr", "inference=chain", "objective=crf_nll"] and args == ["model=chain_crf", *added]
     _, added = with_model_defaults(["model=dvn", "data=mulan", "objective.loss=l2"], table)
     assert added == ["inference=dvn_ascent", "objective=value"]
-    _, added = with_model_defaults(["model=dvn_seg", "objective=value"], table)
-    assert added == ["data=horses32", "inference=dvn_seg_ascent"]  # objective.oracle: the user's objective
+    _, added = with_model_defaults(["model=dvn_seg", "objective=value"], table)  # objective.oracle: the user's
+    assert added == ["data=horses32", "inference=dvn_seg_ascent", "trainer=default"]
+    assert with_model_defaults(["model=foe", "trainer=default"], table)[1] == [
+        "data=denoise_horses", "inference=unrolled_denoise", "objective=unrolled", "objective.loss=mse"]
     assert with_model_defaults(["experiment=crf_ocr_joint", "model=chain_crf"], table)[1] == []  # presets decide
     assert with_model_defaults(["data.num_train=8"], table)[1] == []  # no model=: the config's defaults
     assert table["mrf"]["data"] == "word50" and table["spen"]["data"] == "bibtex"
+
+
+def test_every_model_default_composes_into_parts_that_fit():
+    """`model=NAME` alone, for every family in model_defaults: dsp.compat's checks (run before any data
+    loads) accept the composed run, the default staged trainer included where it is kept."""
+    from dsp.cli.gradcheck import compose_config
+    from dsp.compat import check_config
+
+    for model in load_model_defaults():
+        cfg, choices, _ = compose_config([f"model={model}"])
+        check_config(cfg, {group: option for group, option in choices.items() if option})
 
 
 @pytest.mark.parametrize("model,expect", [
@@ -74,7 +91,14 @@ class WrongSquare(torch.autograd.Function):
         return grad * 2.2 * x
 
 
-class WrongLocalLoss:
+class LocalLogitsObjective(I.Objective):
+    """The tests' own objectives: multi-label, reading the local logits (declared for dsp.compat)."""
+
+    outputs = frozenset({I.MULTILABEL})
+    needs = frozenset({I.LOCAL_LOGITS})
+
+
+class WrongLocalLoss(LocalLogitsObjective):
     def loss(self, model, inference, x, y):
         logits = model.features(x).logits
         return F.binary_cross_entropy_with_logits(logits, y) + WrongSquare.apply(logits).mean(), {}
@@ -95,7 +119,7 @@ def test_without_replaying_generated_labels_dvn_would_not_check(data_dir, capsys
     assert code == 1 and "FAIL" in out
 
 
-class ZeroBiasHinge:
+class ZeroBiasHinge(LocalLogitsObjective):
     """The local loss plus relu(b) summed, with the local bias set to exactly 0 on the first call:
     every entry of b sits on a ReLU kink, where the central difference is no derivative."""
 
@@ -146,3 +170,84 @@ def test_mrf_families_pass_with_their_default_data(tmp_path, capsys):
                                    "model.unary_net.hidden=[6]")
     assert code == 0, out + err
     assert "FAIL" not in out and out.rstrip().endswith(": OK")
+
+
+# A user's own model option, outside the shipped configs: a SPEN with other sizes.
+USER_MODEL = """\
+_target_: dsp.models.spen.SPEN
+num_labels: ${dims.num_labels}
+feature_net:
+  _target_: dsp.nn.mlp.MLP
+  in_features: ${dims.num_features}
+  hidden: [7]
+  activation: softplus
+local_energy:
+  _target_: dsp.models.spen.LocalEnergy
+  _partial_: true
+global_energy:
+  _target_: dsp.models.spen.GlobalEnergy
+  _partial_: true
+  measurements: 3
+  hidden: []
+  activation: softplus
+  conditional: false
+"""
+
+
+@pytest.mark.parametrize("how", ["hydra.searchpath", "--config-dir"])
+def test_a_user_model_yaml_is_found_as_dsp_train_finds_it(how, tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_spen.yaml").write_text(USER_MODEL)
+    where = [f"hydra.searchpath=[file://{tmp_path}]"] if how == "hydra.searchpath" else ["--config-dir", str(tmp_path)]
+    code, out, err = gradcheck_cli(capsys, *where, "model=my_spen", "data.num_train=8")
+    assert code == 0, out + err
+    assert "model=my_spen data=synthetic" in out and out.rstrip().endswith(": OK")
+    assert "feature_net.net.0.weight      [7, 64]" in out and "global_energy.measure.weight  [3, 16]" in out
+    code, _, err = gradcheck_cli(capsys, "model=my_spen", "data.num_train=8")  # not without the folder
+    assert code == 2 and "model=my_spen: there is no conf/model/my_spen.yaml" in err
+
+
+class HandSquare(torch.autograd.Function):
+    """x² with a hand-written backward pass factor·x: right with factor 2."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.save_for_backward(x)
+        ctx.factor = factor
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * ctx.factor * x, None
+
+
+class HandSquareLoss(LocalLogitsObjective):
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def loss(self, model, inference, x, y):
+        logits = model.features(x).logits
+        return F.binary_cross_entropy_with_logits(logits, y) + HandSquare.apply(logits, self.factor).mean(), {}
+
+
+def compose_gradcheck(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(resources.files("dsp.conf")), version_base="1.3"):
+        return compose("gradcheck", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("factor", [2.0, 2.2])
+def test_the_engine_alone_tells_a_right_hand_written_gradient_from_a_wrong_one(factor):
+    cfg = compose_gradcheck("model=mlp", "data=synthetic", "data.num_train=8", "model.feature_net.hidden=[8]",
+                            "objective=local",
+                            f"objective._target_={__name__}.HandSquareLoss", f"+objective.factor={factor}")
+    report = gradcheck(cfg)
+    worst = {c.name: c.worst[0] for c in report.checks}
+    assert {"feature_net.net.0.weight", "local_energy.linear.weight", "input x"} <= set(worst)
+    assert all(len(c.entries) == 3 for c in report.checks) and report.evaluations > 6 * len(worst)
+    if factor == 2.0:
+        assert report.ok and max(worst.values()) < 1e-6
+    else:
+        assert not report.ok and worst["local_energy.linear.weight"] > 100 * report.tol

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from dsp import interfaces as I
+
 from dsp.data.images import ImageMaskSplits, load_horses
 from dsp.errors import DspError
 from dsp.nn.unet import UNet
@@ -170,7 +172,7 @@ def test_online_scaling_chooses_alpha_on_the_configured_split(tmp_path, monkeypa
     on the validation images, and the α it returns is the model's."""
     from hydra import compose, initialize_config_dir
 
-    import dsp.training.trainer as trainer_module
+    import dsp.training.scaling as scaling_module
     from dsp.cli.common import config_dir
     from dsp.cli.train import train
     from fixtures_images import tiny_images_overrides
@@ -182,7 +184,7 @@ def test_online_scaling_chooses_alpha_on_the_configured_split(tmp_path, monkeypa
         model.unary_scale.fill_(0.25)
         return {"scaling/alpha": 0.25}
 
-    monkeypatch.setattr(trainer_module, "choose_unary_scale", spy)
+    monkeypatch.setattr(scaling_module, "choose_unary_scale", spy)  # (called by the OnlineScaling hook)
     root = write_image_folder(tmp_path / "imgs", n=8)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=gcrf_horses_online", *tiny_images_overrides(root),
@@ -308,11 +310,14 @@ class Feats:
         return self
 
 
-class CropConstant(torch.nn.Module):
+class CropConstant(I.Model):
     """A 'model' that predicts, for each crop, a constant mask: the crop's top-left value of
-    channel 0 (the task reads σ(feats.unary) in mode "local")."""
+    channel 0 (the task reads its local prediction σ(feats.unary))."""
 
-    is_structured = False
+    structured = classmethod(lambda cls, config: False)
+
+    def local_probs(self, feats):
+        return torch.sigmoid(feats.unary)
 
     def prediction(self, x):
         return x[:, 0, :1, :1].expand(x.shape[0], *x.shape[-2:])  # [B, h, w]
@@ -393,7 +398,7 @@ def test_loader_carries_the_crop_protocol_to_the_task_and_checks_it(tmp_path):
 # ------------------------------------------------------------- training augmentation (data.augment)
 import math  # noqa: E402
 
-from dsp.tasks.augment import (affine_matrices, augment_batch, augment_settings, warp, warp_from_source,  # noqa: E402
+from dsp.data.augment import (affine_matrices, augment_batch, augment_settings, warp, warp_from_source,  # noqa: E402
                                warp_matrices)
 
 
@@ -550,7 +555,7 @@ def test_training_warps_the_larger_copies_of_each_batchs_own_rows(tmp_path, monk
     and the warp resamples those rows' sources (checked against the batch's own 32×32 images)."""
     from hydra import compose, initialize_config_dir
 
-    import dsp.tasks.augment as augment_module
+    import dsp.data.augment as augment_module
     from dsp.cli.common import config_dir
     from dsp.cli.train import train
     from fixtures_images import tiny_images_overrides

@@ -151,7 +151,7 @@ yesterday NN B-NP
 # ----------------------------------------------------- OCR letter augmentation (data.augment)
 from dsp.nn.lenet import LeNet  # noqa: E402
 from dsp.tasks import task_for  # noqa: E402
-from dsp.tasks.augment import augment_letters, augment_settings  # noqa: E402
+from dsp.data.augment import augment_letters, augment_settings  # noqa: E402
 
 
 def glyphs(n=6):

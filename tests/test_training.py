@@ -199,7 +199,7 @@ def test_the_probe_scores_the_same_examples_every_time_even_when_batches_augment
     trainer.step, trainer.main, trainer.train_seconds, trainer._probe_batch = 1, True, 0.0, None
     trainer.model = None
     trainer.splits = {"train": (torch.zeros(5, 2), torch.zeros(5))}
-    trainer.task = SimpleNamespace(batch=lambda x, y: (x + torch.randn_like(x), y))  # augments on every call
+    trainer.task = SimpleNamespace(batch=lambda x, y: (x + torch.randn_like(x), y), takes_rows=False)  # augments on every call
     probe = lambda model, x, y: seen.append(x.clone()) or {"nll_converged": x.sum().item()}
     stage = SimpleNamespace(objective=SimpleNamespace(probe=probe))
     writer = SimpleNamespace(add_scalar=lambda *a: None)

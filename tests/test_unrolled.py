@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsp.build import attach_inference, check_compatible
+from dsp.build import attach_inference
+from dsp.compat import check_built
 from dsp.errors import DspError
 from dsp.inference.gradient import GradientInference
 from dsp.inference.unrolled import UnrolledGradientDescent
@@ -151,10 +152,10 @@ def test_prediction_builds_no_graph_and_matches_the_training_path():
 def test_unrolled_objective_refuses_relu_energy_and_other_inference():
     objective = UnrolledLoss()
     with pytest.raises(DspError, match="model.global_energy.activation is a ReLU.*softplus"):
-        check_compatible(tiny_spen(activation="relu"), UnrolledGradientDescent(), objective)
-    with pytest.raises(DspError, match="inference=unrolled_gd"):
-        check_compatible(tiny_spen(), GradientInference(), objective)
-    check_compatible(tiny_spen(activation="softplus:25"), UnrolledGradientDescent(), objective)
+        check_built(None, tiny_spen(activation="relu"), UnrolledGradientDescent(), objective)
+    with pytest.raises(DspError, match="needs an inference routine that keeps the graph.*inference choices that fit.*unrolled_gd"):
+        check_built(None, tiny_spen(), GradientInference(), objective)
+    check_built(None, tiny_spen(activation="softplus:25"), UnrolledGradientDescent(), objective)
 
 
 def test_bad_settings_are_refused_with_the_key_named():

@@ -58,13 +58,12 @@ def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None, predict=
     out, iters = task.predict(run.model, run.inference, x, y, batch_size, run.predict_mode)
     metrics = {f"{split}/{k}": v for k, v in task.evaluate(out, y, run.threshold).items()}
     metrics[f"{split}/inference_iters"] = iters
-    figures = task.figures(out, y, x) if hasattr(task, "figures") else {}
-    if hasattr(task, "inference_figures"):  # e.g. the DVN's shape prior and trajectory (Figures 5, 1)
-        train = data.split("train").tensors  # on the host: the figure needs only its mean image
-        figures.update(task.inference_figures(run.model, run.inference, train, (x, y), batch_size, run.predict_mode))
-    images = getattr(run.model, "images", None)  # learned parameters as pictures (MRF: Chen et al. Fig. 5, 8)
-    if images is not None:
-        figures.update({f"model_{k}": (v.numpy() * 255).round().astype(np.uint8) for k, v in images().items()})
+    figures = task.figures(out, y, x)
+    # e.g. the DVN's shape prior and trajectory (Figures 5, 1); on the host: the figure needs only its mean image
+    train = data.split("train").tensors
+    figures.update(task.inference_figures(run.model, run.inference, train, (x, y), batch_size, run.predict_mode))
+    # learned parameters as pictures (MRF: Chen et al. Fig. 5, 8; SPEN Fig. 1)
+    figures.update({f"model_{k}": (v.numpy() * 255).round().astype(np.uint8) for k, v in run.model.images().items()})
     return metrics, task.arrays(out, y, run.threshold, x=x), figures
 
 

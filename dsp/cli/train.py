@@ -14,14 +14,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dsp.build import build_run
+from dsp.build import assemble
+from dsp.compat import check_config
 from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training import distributed
 from dsp.training.checkpoint import refuse_used_run_dir
 from dsp.training.config_checks import check_seed, check_trainer
 from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted
-from dsp.training.stages import build_stages
 from dsp.training.trainer import Trainer, resolve_device
 
 
@@ -72,6 +72,43 @@ class GuardUsedFolders(Callback):
             sys.exit(2)
 
 
+class CheckParts(Callback):
+    """hydra.callbacks entry of every run: the chosen data, model, inference, objective and stages
+    are checked against each other (dsp.compat) before Hydra creates a run folder; in a sweep every
+    job's combination is checked before the first job starts."""
+
+    MAX_JOBS = 500  # larger grids are checked job by job as they start
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _refuse(lambda: check_config(config))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return  # other sweepers draw their jobs later: each is checked as it starts
+        from hydra import compose
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        overrides = list(config.hydra.overrides.task)
+        jobs = [job for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+                for job in batch]
+        if len(jobs) > self.MAX_JOBS:
+            return
+        for number, job in enumerate(jobs):
+            def check(job=job):
+                cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+                check_config(cfg, cfg.hydra.runtime.choices)
+            _refuse(check, f"job {number} ({' '.join(job)}): ")
+
+
+def _refuse(check, prefix: str = "") -> None:
+    try:
+        check()
+    except (DspError, OmegaConfBaseException) as err:
+        print(f"error: {prefix}{err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one run into `run_dir` and return its final metrics (also usable without the CLI).
     With trainer.strategy=ddp (under torchrun) every rank calls this; rank 0's run_dir is used."""
@@ -82,10 +119,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         device = dist.device if dist.enabled else resolve_device(cfg.trainer.device)
         if dist.enabled:
             run_dir = _shared_run_dir(dist, Path(run_dir))
-        data, model, inference, objective = build_run(cfg)
-        stages = build_stages(cfg.trainer, objective, model)
+        run = assemble(cfg)
         config_dict = OmegaConf.to_container(cfg, resolve=True)
-        trainer = Trainer(cfg.trainer, model, inference, stages, data, run_dir, device, config_dict, cfg.seed, dist)
+        trainer = Trainer(cfg.trainer, run.model, run.inference, run.stages, run.data, run_dir, device, config_dict,
+                          cfg.seed, dist, task=run.task)
         metrics = RunMetrics(trainer.fit(), monitor=trainer.monitor)
         metrics.is_main = dist.is_main
         # ddp: no rank tears its gloo/NCCL connections down while another still finishes (rank 0

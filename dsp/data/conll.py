@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from dsp.data.sequences import SequenceSplits, pad_sequences
+from dsp.data.sequences import TokenSequenceSplits, pad_sequences
 from dsp.data.splits import holdout
 from dsp.errors import DspError
 
@@ -75,7 +75,7 @@ def load_conll2000(
     split_seed: int = 0,
     min_count: int = 1,
     lowercase: bool = False,
-) -> SequenceSplits:
+) -> TokenSequenceSplits:
     """Load CoNLL-2000: x int64 `[N, T, 2 + C]`, y int64 `[N, T]` tag indices (-1 = padding).
 
     `min_count` drops rarer training words to the unknown id; `lowercase` applies to the word
@@ -123,7 +123,7 @@ def load_conll2000(
             pad_sequences(list(x.split(lengths)), 0, max_len), pad_sequences(list(y.split(lengths)), -1, max_len)
         )
 
-    return SequenceSplits(
+    return TokenSequenceSplits(
         encode(fit),
         encode(val),
         encode(test_sents),

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dsp.data.images import EXTENSIONS, _images_in
+from dsp import interfaces as I
 from dsp.data.splits import NamedSplits
 from dsp.errors import DspError
 
@@ -38,6 +39,8 @@ class DenoiseSplits(NamedSplits):
     """train: (offsets int64 [N] into `pixels`, sizes int64 [N, 2] as (h, w)), the images packed
     row-major in `pixels` (uint8 [P], intensity·255); val, test: (noisy float32 [N, h, w], clean
     float32 [N, h, w]) with (h, w) = crop."""
+
+    output, input = I.IMAGE, I.IMAGES
 
     train: TensorDataset
     val: TensorDataset

@@ -17,7 +17,7 @@ The loader only carries the crop protocol to the task (dsp.tasks.segmentation), 
               (DVN §5.2: "for training data augmentation purposes we randomly crop the image");
               null trains on whole images. flip: also mirror each training image (or crop) left-right with p = 1/2.
   augment     random zoom, rotation, shift, brightness and contrast of every training image (and
-              its mask) before the crop, fresh every batch (dsp.tasks.augment); null or zeros: off.
+              its mask) before the crop, fresh every batch (dsp.data.augment); null or zeros: off.
   warp_source_scale  k > 1: the warps resample a k× larger copy of each training image and its
               soft mask and shrink the result to size×size (antialiased), so a warped training
               image is as sharp as a test image and its mask lines up with it to the sub-pixel.
@@ -47,9 +47,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from dsp import interfaces as I
 from dsp.data.splits import NamedSplits
 from dsp.errors import DspError
-from dsp.tasks.augment import augment_settings, geometric
+from dsp.data.augment import augment_settings, geometric
 
 IMAGE_DIR, MASK_DIR = "rgb", "figure_ground"
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -58,6 +59,8 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 @dataclass
 class ImageMaskSplits(NamedSplits):
     """Per split x float32 [N, C, H, W] in [0, 1] and y float32 [N, H, W] in {0, 1}."""
+
+    output, input = I.MASK, I.IMAGES
 
     train: TensorDataset
     val: TensorDataset
@@ -68,7 +71,7 @@ class ImageMaskSplits(NamedSplits):
     flip: bool = False  # random left-right mirroring of training images (or crops)
     test_crops: int | None = None  # crops per image at prediction (a square number; None: whole image)
     combine: str = "average"  # how test crops become one mask: average | joint
-    augment: dict = field(default_factory=dict)  # training augmentation magnitudes (dsp.tasks.augment)
+    augment: dict = field(default_factory=dict)  # training augmentation magnitudes (dsp.data.augment)
     # The training rows again at warp_source_scale × the side, images and *soft* masks (not
     # thresholded): geometric warps resample these and shrink the result to size×size (None: warp
     # the size×size rows themselves). Row i belongs to row i of `train`.

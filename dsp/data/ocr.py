@@ -9,7 +9,7 @@ is test and the remaining eight folds are training. Parsing takes well under a s
 the Mulan loader there is no HDF5 cache.
 
 `augment` (off by default, as in the paper) warps every training letter afresh each batch: a
-random zoom, rotation and shift (dsp.tasks.augment.augment_letters); validation and test letters
+random zoom, rotation and shift (dsp.data.augment.augment_letters); validation and test letters
 are never touched.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from dsp.data.sequences import SequenceSplits, pad_sequences
 from dsp.errors import DspError
-from dsp.tasks.augment import augment_settings
+from dsp.data.augment import augment_settings
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HEIGHT, WIDTH = 16, 8

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import TensorDataset
 
+from dsp import interfaces as I
 from dsp.data.splits import NamedSplits
 
 
@@ -22,17 +23,28 @@ class SequenceSplits(NamedSplits):
     model config can read embedding sizes from it.
     """
 
+    output, input = I.SEQUENCE, I.IMAGE_SEQUENCES  # (TokenSequenceSplits: token ids)
+
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
     label_names: list[str]
     num_features: int
     vocab: dict[str, list[str]] | None = None
-    augment: dict = field(default_factory=dict)  # image sequences (OCR): training augmentation (dsp.tasks.augment)
+    augment: dict = field(default_factory=dict)  # image sequences (OCR): training augmentation (dsp.data.augment)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+
+@dataclass
+class TokenSequenceSplits(SequenceSplits):
+    """Sequences of tokens (CoNLL): x holds ids into the `vocab` lists, whose sizes a model config
+    reads as ${dims.num_words}, ${dims.num_pos} and ${dims.num_chars}."""
+
+    input = I.TOKEN_SEQUENCES
+    dims = SequenceSplits.dims | {"num_words", "num_pos", "num_chars"}
 
 
 def pad_sequences(seqs: list[torch.Tensor], pad_value: float, length: int | None = None) -> torch.Tensor:

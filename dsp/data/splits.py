@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import TensorDataset
 
+from dsp import interfaces as I
 
-class NamedSplits:
+
+class NamedSplits(I.Dataset):
     """`.split(name)` for the dataclasses below, whose fields train, val, test hold the splits."""
 
     def split(self, name: str) -> TensorDataset:
@@ -21,6 +23,8 @@ class NamedSplits:
 @dataclass
 class MultiLabelSplits(NamedSplits):
     """Dense features `x [N, D]` (float32) and 0/1 labels `y [N, L]` (float32) per split."""
+
+    output, input = I.MULTILABEL, I.VECTORS
 
     train: TensorDataset
     val: TensorDataset

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from dsp import interfaces as I
 from dsp.inference.gradient import InferenceResult
 
 
@@ -138,10 +139,13 @@ def gcrf_solve(unary: torch.Tensor, emb: torch.Tensor, lam: float, tol: float = 
     return potts_solve(unary, emb, effective_lambda(emb, lam, margin), tol, max_iter)
 
 
-class GCRFInference:
+class GCRFInference(I.Inference):
     """Prediction for the Gaussian CRF: foreground probabilities σ(s*) (the two-class softmax of
     Eq. 14), s* solved by CG with the model's settings (λ, margin, tolerance and iteration cap
     define the model's output in training as well, so they live in the model config)."""
+
+    outputs = frozenset({I.MASK})
+    needs = frozenset({I.GAUSSIAN_POTENTIALS})
 
     def __call__(self, model, feats, y0=None) -> InferenceResult:
         with torch.no_grad():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.inference import chain
 from dsp.inference.gradient import InferenceResult
@@ -15,7 +16,10 @@ from dsp.inference.mean_field import mean_field_marginals
 METHODS = ("viterbi", "marginals", "mean_field", "unary")
 
 
-class ChainDecoding:
+class ChainDecoding(I.Inference):
+    outputs = frozenset({I.SEQUENCE})
+    needs = frozenset({I.CHAIN_POTENTIALS})
+
     def __init__(self, method: str = "auto", mean_field_sweeps: int = 5):
         if method not in METHODS + ("auto",):
             raise DspError(f"inference.method={method!r}: choose one of auto, {', '.join(METHODS)}")
@@ -24,8 +28,9 @@ class ChainDecoding:
     def match(self, objective) -> None:
         """Resolve method=auto from the objective's `prediction` (called once the run is built)."""
         if self.method == "auto":
-            self.method = getattr(objective, "prediction", "viterbi")
-            self.sweeps = getattr(objective, "sweeps", 0) or self.sweeps
+            self.method = objective.prediction if objective.prediction in METHODS else "viterbi"
+            if self.method == "mean_field":  # the sweeps the objective trained with
+                self.sweeps = objective.sweeps
 
     def __call__(self, model, feats, lengths=None) -> InferenceResult:
         u, w, lengths = feats.unary, feats.pairwise, feats.lengths

@@ -13,11 +13,13 @@ then forms no parameter gradients.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # ȳ [B, L] -> objective [B]
@@ -38,13 +40,40 @@ def _logit(y: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.log(y) - torch.log1p(-y)
 
 
+def replace_settings(routine, **settings):
+    """A shallow copy of an inference routine with some settings changed."""
+    out = copy.copy(routine)
+    for key, value in settings.items():
+        setattr(out, key, value)
+    return out
+
+
+def project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of v [..., K] onto the probability simplex (sort-based,
+    Held et al. 1974 / Duchi et al. 2008)."""
+    u = v.sort(-1, descending=True).values
+    css = u.cumsum(-1) - 1
+    k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    rho = ((u - css / k) > 0).sum(-1, keepdim=True).clamp_min(1)  # [..., 1]
+    theta = css.gather(-1, rho - 1) / rho.to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def _on_simplex(y: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """Flat ȳ [B, n·rows] with each row of `rows` entries scaled to sum to 1 (unchanged if rows is None)."""
+    if rows is None:
+        return y
+    r = y.view(y.shape[0], -1, rows)
+    return (r / r.sum(-1, keepdim=True).clamp_min(1e-12)).view_as(y)
+
+
 def entropy(y: torch.Tensor, eps: float) -> torch.Tensor:
     """Σ_i H(ȳ_i) of independent Bernoullis -> [B]."""
     y = y.clamp(eps, 1 - eps)
     return -(y * y.log() + (1 - y) * torch.log1p(-y)).sum(-1)
 
 
-class GradientInference:
+class GradientInference(I.Inference):
     """Minimise an energy over ȳ ∈ [0,1]^L by projected gradient or entropic mirror descent.
 
     Args:
@@ -67,10 +96,22 @@ class GradientInference:
             term whose temperature falls linearly from anneal_temperature to 0 over the first
             anneal_iters iterations, smoothing away shallow local minima; convergence is only
             tested afterwards.
+        output: how ȳ is relaxed: sigmoid (each entry in [0, 1]), softmax (a distribution over the
+            last axis: mirror descent on each row's simplex, or Euclidean projection onto it), or
+            auto (softmax for models whose relaxed outputs are label distributions: sequences).
         predict: overrides of any of the settings above that apply only when predicting
             (validation, test, dsp-eval), never inside learning: e.g. more restarts or a tighter
             tolerance, which pay off at test time but slow every training step.
     """
+
+    outputs = frozenset({I.MULTILABEL, I.MASK, I.IMAGE, I.SEQUENCE})
+    needs = frozenset({I.ENERGY})
+    provides = frozenset({I.RELAXED, I.LOSS_AUGMENTED})
+
+    @classmethod
+    def needs_for(cls, config):
+        starts_local = config.get("init", "local") == "local" or (config.get("predict") or {}).get("init") == "local"
+        return cls.needs | ({I.LOCAL} if starts_local else set())
 
     def __init__(
         self,
@@ -91,12 +132,15 @@ class GradientInference:
         anneal_iters: int = 0,
         eps: float = 1e-6,
         gradient: str = "auto",
+        output: str = "auto",
         predict: dict | None = None,
     ):
         if method not in ("mirror", "projected"):
             raise DspError(f"inference.method={method!r}: choose 'mirror' or 'projected'")
         if init not in ("local", "constant"):
             raise DspError(f"inference.init={init!r}: choose 'local' or 'constant'")
+        if output not in ("auto", "sigmoid", "softmax"):
+            raise DspError(f"inference.output={output!r}: choose auto, sigmoid or softmax")
         if gradient not in GRADIENTS:
             raise DspError(f"inference.gradient={gradient!r}: choose one of {', '.join(GRADIENTS)}")
         if not 0.0 < stop_fraction <= 1.0:
@@ -107,7 +151,7 @@ class GradientInference:
         self.rel_tol, self.abs_tol, self.stop_fraction = rel_tol, abs_tol, stop_fraction
         self.init, self.init_value = init, init_value
         self.entropy_temperature, self.check_every, self.eps = entropy_temperature, check_every, eps
-        self.gradient = gradient
+        self.gradient, self.output = gradient, output
         self.restarts, self.restart_seed = restarts, restart_seed
         self.anneal_temperature, self.anneal_iters = anneal_temperature, anneal_iters
         self.predictor = None  # a second routine with the `predict` overrides, used when not training
@@ -118,10 +162,20 @@ class GradientInference:
                 raise DspError(f"inference.predict: unknown key(s) {sorted(unknown)}; known: {sorted(settings)}")
             self.predictor = GradientInference(**{**settings, **dict(predict)})
 
+    def at_random_step(self) -> "GradientInference":
+        return replace_settings(self, max_iter=int(torch.randint(1, self.max_iter + 1, ()).item()))
+
     def initial(self, model, feats) -> torch.Tensor:
         if self.init == "local":
             return model.local_probs(feats).detach()
-        return torch.full_like(feats.logits, self.init_value).detach()
+        start = model.local_probs(feats)  # the output's shape (every energy model has local_probs)
+        if self.categorical(model):  # the constant start on a simplex: the uniform distribution
+            return torch.full_like(start, 1.0 / start.shape[-1]).detach()
+        return torch.full_like(start, self.init_value).detach()
+
+    def categorical(self, model) -> bool:
+        """Rows of ȳ on the simplex (output=softmax, or auto on label-distribution models)."""
+        return self.output == "softmax" or (self.output == "auto" and model.relaxation == "simplex")
 
     def __call__(self, model, feats, augment: EnergyFn | None = None, y0=None, train: bool = False):
         """Minimise E(ȳ) [- augment(ȳ)] for a batch; `train=True` drops the prediction-time
@@ -136,12 +190,13 @@ class GradientInference:
 
         y0 = self.initial(model, feats) if y0 is None else y0.detach()
         return self.minimise(objective, y0, temperature=0.0 if train else self.entropy_temperature,
-                             value_and_grad=self._analytic(model, feats, augment))
+                             value_and_grad=self._analytic(model, feats, augment),
+                             rows=y0.shape[-1] if self.categorical(model) else None)
 
     def _analytic(self, model, feats, augment: EnergyFn | None) -> ValueAndGradFn | None:
         """The objective and its gradient from the model's closed-form ∂E/∂ȳ (plus autograd on the
         augmentation term only), or None to let autograd differentiate the whole objective."""
-        available = hasattr(model, "energy_and_grad") and model.has_analytic_gradient()
+        available = model.has_analytic_gradient()
         if self.gradient == "analytic" and not available:
             raise DspError(f"inference.gradient=analytic: {type(model).__name__} has no hand-written ∂E/∂ȳ "
                            "for this configuration (e.g. dropout active or an activation without one); "
@@ -162,7 +217,7 @@ class GradientInference:
         return value_and_grad
 
     def minimise(self, objective: EnergyFn, y0: torch.Tensor, temperature: float = 0.0,
-                 value_and_grad: ValueAndGradFn | None = None) -> InferenceResult:
+                 value_and_grad: ValueAndGradFn | None = None, rows: int | None = None) -> InferenceResult:
         """Minimise objective(ȳ) - temperature·H(ȳ) over a batch ȳ [B, ...] -> [B], with restarts.
 
         Outputs of any shape (label vectors [B, L], masks [B, H, W]) are optimised as flat vectors
@@ -175,12 +230,12 @@ class GradientInference:
                 def flat_vg(y):
                     f, g = value_and_grad(y.view(-1, *shape))
                     return f, g.flatten(1)
-            res = self.minimise(lambda y: objective(y.view(-1, *shape)), y0.flatten(1), temperature, flat_vg)
+            res = self.minimise(lambda y: objective(y.view(-1, *shape)), y0.flatten(1), temperature, flat_vg, rows)
             return replace(res, y=res.y.view(-1, *shape))
         if self.restarts == 0:
-            return self._descend(objective, y0, temperature, value_and_grad)
+            return self._descend(objective, y0, temperature, value_and_grad, rows)
         gen = torch.Generator(device=y0.device).manual_seed(self.restart_seed)
-        starts = [y0] + [torch.rand(y0.shape, generator=gen, device=y0.device, dtype=y0.dtype)
+        starts = [y0] + [_on_simplex(torch.rand(y0.shape, generator=gen, device=y0.device, dtype=y0.dtype), rows)
                          for _ in range(self.restarts)]
         # Every restart is one copy of the batch, solved together: [K*B, L].
         batch = y0.shape[0]
@@ -194,7 +249,7 @@ class GradientInference:
                 values, grads = zip(*(value_and_grad(chunk) for chunk in y.split(batch)))
                 return torch.cat(values), torch.cat(grads)
 
-        res = self._descend(stacked, torch.cat(starts), temperature, stacked_vg)
+        res = self._descend(stacked, torch.cat(starts), temperature, stacked_vg, rows)
         k = len(starts)
         best = res.objective.reshape(k, batch).argmin(0)  # [B]
         pick = torch.arange(batch, device=y0.device)
@@ -204,8 +259,17 @@ class GradientInference:
         )
 
     def _descend(self, objective: EnergyFn, y0: torch.Tensor, temperature: float,
-                 value_and_grad: ValueAndGradFn | None = None) -> InferenceResult:
-        """The optimisation loop itself."""
+                 value_and_grad: ValueAndGradFn | None = None, rows: int | None = None) -> InferenceResult:
+        """The optimisation loop itself; `rows`: ȳ [B, n·rows] holds distributions over `rows`
+        labels (the simplex geometry), else independent entries in [0, 1]."""
+        def neg_entropy_grad(y: torch.Tensor) -> torch.Tensor:  # ∂(-H)/∂ȳ, zero where entropy() clamps
+            if rows is not None:
+                return y.clamp_min(self.eps).log() + 1
+            inside = (y >= self.eps) & (y <= 1 - self.eps)
+            return torch.where(inside, _logit(y, self.eps), torch.zeros_like(y))
+
+        def total_entropy(y: torch.Tensor) -> torch.Tensor:
+            return entropy(y, self.eps) if rows is None else -(y * y.clamp_min(self.eps).log()).sum(-1)
 
         def tau_at(it: int) -> float:
             if it <= self.anneal_iters:
@@ -214,7 +278,7 @@ class GradientInference:
 
         def smoothed(y: torch.Tensor, it: int) -> torch.Tensor:
             f, tau = objective(y), tau_at(it)
-            return f - tau * entropy(y, self.eps) if tau > 0 else f
+            return f - tau * total_entropy(y) if tau > 0 else f
 
         def smoothed_value_and_grad(y: torch.Tensor, it: int):
             if value_and_grad is None:
@@ -224,14 +288,17 @@ class GradientInference:
                 return f.detach(), grad
             f, grad = value_and_grad(y)
             tau = tau_at(it)
-            if tau > 0:  # ∂(-τH)/∂ȳ = τ·logit(ȳ), zero where entropy() clamps (as autograd has it)
-                inside = (y >= self.eps) & (y <= 1 - self.eps)
-                f = f - tau * entropy(y, self.eps)
-                grad = grad + tau * torch.where(inside, _logit(y, self.eps), torch.zeros_like(y))
+            if tau > 0:  # ∂(-τH)/∂ȳ: τ·logit(ȳ) in the box, τ(log ȳ + 1) on the simplex
+                f = f - tau * total_entropy(y)
+                grad = grad + tau * neg_entropy_grad(y)
             return f, grad
 
-        y = y0.clamp(self.eps, 1 - self.eps) if self.method == "mirror" else y0.clamp(0, 1)
-        z = _logit(y, self.eps) if self.method == "mirror" else None
+        if rows is not None:  # distributions: mirror descent keeps log ȳ, normalised per row
+            y = _on_simplex(y0.clamp_min(self.eps) if self.method == "mirror" else y0.clamp_min(0), rows)
+            z = y.log() if self.method == "mirror" else None
+        else:
+            y = y0.clamp(self.eps, 1 - self.eps) if self.method == "mirror" else y0.clamp(0, 1)
+            z = _logit(y, self.eps) if self.method == "mirror" else None
         z_max = float(_logit(torch.tensor(1 - self.eps, dtype=torch.float64), 0.0))  # keeps ȳ in [eps, 1-eps]
         velocity = torch.zeros_like(y)
         active = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)  # [B]
@@ -244,9 +311,15 @@ class GradientInference:
                 # and z ← z - lr·active·velocity are one fused pass each.
                 velocity = torch.add(grad, velocity, alpha=self.momentum)
                 step = (-self.lr * active.to(y.dtype)).unsqueeze(-1)  # [B, 1]
-                if self.method == "mirror":
+                if self.method == "mirror" and rows is not None:  # ȳ ∝ ȳ·exp(-lr·v), row by row
+                    z = torch.log_softmax(z.addcmul(step, velocity).view(y.shape[0], -1, rows), -1)
+                    z = z.clamp_min(-z_max).view(y.shape[0], -1)
+                    y_new = z.exp()
+                elif self.method == "mirror":
                     z = z.addcmul(step, velocity).clamp_(-z_max, z_max)
                     y_new = torch.sigmoid(z)
+                elif rows is not None:
+                    y_new = project_simplex(y.addcmul(step, velocity).view(y.shape[0], -1, rows)).view(y.shape[0], -1)
                 else:
                     y_new = y.addcmul(step, velocity).clamp_(0.0, 1.0)
                 # Per-example convergence tests, on the device, every check_every iterations.

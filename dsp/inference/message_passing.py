@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.inference.gradient import InferenceResult
 from dsp.inference.region_graph import RegionGraph
@@ -37,6 +38,12 @@ class MRFPotentials:
     @property
     def batch_size(self) -> int:
         return self.unary.shape[0]
+
+    def detach(self) -> "MRFPotentials":
+        return MRFPotentials(self.unary.detach(), [f.detach() for f in self.factors], self.graph)
+
+    def take(self, index: torch.Tensor) -> "MRFPotentials":
+        return MRFPotentials(self.unary[index], [f[index] for f in self.factors], self.graph)
 
 
 @dataclass
@@ -175,7 +182,20 @@ def score_labels(pot: MRFPotentials, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class MessagePassing:
+def relaxed_score(pot: MRFPotentials, q: torch.Tensor) -> torch.Tensor:
+    """The multilinear extension of F: Σ_r q_r·θ_r + Σ_p Σ_{y_p} θ_p(y_p) Π_{r∈p} q_r(y_r) for
+    per-variable distributions q [B, N, K] -> [B]; equals score_labels at one-hot q."""
+    out = (q * pot.unary).sum((1, 2))
+    for gi, g in enumerate(pot.graph.groups):
+        t = pot.factors[gi]  # [B, M, K, …, K]
+        for slot in range(g.arity):  # contract the leading K axis with that slot's variable
+            qs = q[:, g.variables[:, slot]]  # [B, M, K]
+            t = (t * qs.view(*qs.shape, *([1] * (t.dim() - 3)))).sum(2)
+        out = out + t.sum(1)  # [B]
+    return out
+
+
+class MessagePassing(I.Inference):
     """Prediction for MRFs: `iterations` sweeps of message passing from zero messages, then MAP
     decoding from the variables' beliefs (decode=beliefs), or exact Viterbi (decode=viterbi, for
     first-order chains, for comparison).
@@ -184,6 +204,9 @@ class MessagePassing:
     [B, N] of binary variables (multi-label tagging, where the task thresholds them).
     tol > 0 stops early once no message moves by more than tol (checked every 5 sweeps).
     """
+
+    outputs = frozenset({I.SEQUENCE, I.MULTILABEL})
+    needs = frozenset({I.REGION_POTENTIALS})
 
     def __init__(self, iterations: int = 20, epsilon: float = 1.0, counting_variables="1.0",
                  counting_factors: float = 1.0, decode: str = "beliefs", output: str = "labels", tol: float = 0.0):

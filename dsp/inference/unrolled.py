@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.inference.energy_gradient import MODES, energy_gradient
 
@@ -51,7 +52,7 @@ def _entropy(y: torch.Tensor, categorical: bool, eps: float = 1e-6) -> torch.Ten
     return h.flatten(1).sum(-1)
 
 
-class UnrolledGradientDescent(nn.Module):
+class UnrolledGradientDescent(nn.Module, I.Inference):
     """T differentiable gradient steps on an energy; see the module docstring.
 
     Args:
@@ -61,8 +62,9 @@ class UnrolledGradientDescent(nn.Module):
         learn_lr, learn_momentum: make η_t (kept positive through its log) and μ (kept in (0, 1)
             through its logit) trainable.
         parameterisation: logit | mirror | projected | unconstrained (module docstring).
-        output: sigmoid (independent labels in [0,1]) or softmax (a simplex over the last dim),
-            for logit and mirror.
+        output: sigmoid (independent labels in [0,1]), softmax (a simplex over the last dim), or
+            auto (softmax for models whose relaxed outputs are label distributions: sequences), for
+            logit and mirror.
         entropy_temperature: τ of the entropy smoothing.
         init: local (Init(F(x)): the model's local prediction, differentiable) or constant.
         init_value: the constant start.
@@ -75,6 +77,10 @@ class UnrolledGradientDescent(nn.Module):
         fd_eps: the finite-difference step (size of r·v).
     """
 
+    outputs = frozenset({I.MULTILABEL, I.MASK, I.IMAGE, I.SEQUENCE})
+    needs = frozenset({I.ENERGY, I.LOCAL})  # local_probs: Init(F(x)), and the output's shape
+    provides = frozenset({I.RELAXED, I.LOSS_AUGMENTED, I.UNROLLED})
+
     def __init__(
         self,
         steps: int = 10,
@@ -83,7 +89,7 @@ class UnrolledGradientDescent(nn.Module):
         learn_lr: bool = False,
         learn_momentum: bool = False,
         parameterisation: str = "logit",
-        output: str = "sigmoid",
+        output: str = "auto",
         entropy_temperature: float = 0.0,
         init: str = "local",
         init_value: float = 0.5,
@@ -98,8 +104,8 @@ class UnrolledGradientDescent(nn.Module):
             raise DspError(f"inference.steps must be >= 1, got {steps}")
         if parameterisation not in PARAMETERISATIONS:
             raise DspError(f"inference.parameterisation={parameterisation!r}: choose one of {', '.join(PARAMETERISATIONS)}")
-        if output not in ("sigmoid", "softmax"):
-            raise DspError(f"inference.output={output!r}: choose sigmoid or softmax")
+        if output not in ("auto", "sigmoid", "softmax"):
+            raise DspError(f"inference.output={output!r}: choose auto, sigmoid or softmax")
         if init not in ("local", "constant"):
             raise DspError(f"inference.init={init!r}: choose local or constant")
         if hessian not in ("autograd", "finite_difference"):
@@ -134,28 +140,33 @@ class UnrolledGradientDescent(nn.Module):
     def momentum(self) -> torch.Tensor:
         return torch.sigmoid(self.momentum_logit)
 
-    def _link(self, s: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(s, -1) if self.output == "softmax" else torch.sigmoid(s)
+    def categorical(self, model) -> bool:
+        """A softmax over the last axis (output=softmax, or auto on a model whose relaxed outputs are
+        distributions over labels: chain CRFs, MRFs) rather than independent sigmoids."""
+        return self.output == "softmax" or (self.output == "auto" and model.relaxation == "simplex")
 
-    def _to_y(self, s: torch.Tensor) -> torch.Tensor:
-        return self._link(s) if self.parameterisation == "logit" else s
+    def _link(self, s: torch.Tensor, categorical: bool) -> torch.Tensor:
+        return torch.softmax(s, -1) if categorical else torch.sigmoid(s)
 
-    def _from_y(self, y: torch.Tensor) -> torch.Tensor:
+    def _to_y(self, s: torch.Tensor, categorical: bool) -> torch.Tensor:
+        return self._link(s, categorical) if self.parameterisation == "logit" else s
+
+    def _from_y(self, y: torch.Tensor, categorical: bool) -> torch.Tensor:
         if self.parameterisation == "logit":
             y = y.clamp(self.eps, 1 - self.eps)
-            return y.log() if self.output == "softmax" else y.log() - torch.log1p(-y)
+            return y.log() if categorical else y.log() - torch.log1p(-y)
         if self.parameterisation == "mirror":
             return y.clamp(self.eps, 1 - self.eps)
         if self.parameterisation == "projected":
             return y.clamp(0.0, 1.0)
         return y
 
-    def _step(self, s: torch.Tensor, direction: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    def _step(self, s: torch.Tensor, direction: torch.Tensor, lr: torch.Tensor, categorical: bool) -> torch.Tensor:
         if self.parameterisation == "mirror":
             z = s.clamp_min(self.eps).log()
-            if self.output == "sigmoid":
+            if not categorical:
                 z = z - torch.log1p(-s.clamp_max(1 - self.eps))
-            return self._link(z - lr * direction).clamp(self.eps, 1 - self.eps)
+            return self._link(z - lr * direction, categorical).clamp(self.eps, 1 - self.eps)
         s = s - lr * direction
         return s.clamp(0.0, 1.0) if self.parameterisation == "projected" else s
 
@@ -172,12 +183,12 @@ class UnrolledGradientDescent(nn.Module):
         the features, Init and the step sizes (for objective=unrolled). `train` is accepted for
         the interface of the other inference routines: the configuration never changes."""
         if not differentiable:
-            feats = feats.detach() if hasattr(feats, "detach") else feats
-        categorical = self.output == "softmax"
+            feats = feats.detach()
+        categorical = self.categorical(model)
         tau = self.entropy_temperature if self.parameterisation in ("logit", "mirror") else 0.0
 
         def f(s: torch.Tensor, feats) -> torch.Tensor:
-            y = self._to_y(s)
+            y = self._to_y(s, categorical)
             value = model.energy(y, feats)  # [B]
             if augment is not None:
                 value = value - augment(y)
@@ -188,7 +199,7 @@ class UnrolledGradientDescent(nn.Module):
         y0 = self.initial(model, feats) if y0 is None else y0
         if not differentiable:
             y0 = y0.detach()
-        s = self._from_y(y0)
+        s = self._from_y(y0, categorical)
         velocity = torch.zeros_like(s)
         lrs, mu = self.lr, self.momentum
         if not differentiable:
@@ -199,8 +210,8 @@ class UnrolledGradientDescent(nn.Module):
             with torch.set_grad_enabled(differentiable):
                 g = energy_gradient(f, s, feats, params, self.mode, differentiable, self.fd_eps)
                 velocity = mu * velocity + g
-                s = self._step(s, velocity, lrs[t])
-                y = self._to_y(s)
+                s = self._step(s, velocity, lrs[t], categorical)
+                y = self._to_y(s, categorical)
             if not differentiable:
                 s, velocity, y = s.detach(), velocity.detach(), y.detach()
             if self.converge_tol > 0 and trajectory:

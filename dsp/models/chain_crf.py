@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsp.training.predict import eval_mode
+from dsp import interfaces as I
+from dsp.nn.modes import eval_mode
 
 
 @dataclass
@@ -27,6 +28,15 @@ class ChainPotentials:
     unary_norm: torch.Tensor  # [B] mean |U| of the unscaled unaries (Eq. 21 regulariser, logs)
     pairwise_norm: torch.Tensor  # [] mean |W|
 
+    def detach(self) -> "ChainPotentials":
+        return ChainPotentials(self.unary.detach(), self.pairwise.detach(), self.lengths, self.unary_norm.detach(),
+                               self.pairwise_norm.detach())
+
+    def take(self, index: torch.Tensor) -> "ChainPotentials":
+        """The potentials of a subset of the batch (the pairwise table is shared)."""
+        return ChainPotentials(self.unary[index], self.pairwise, self.lengths[index], self.unary_norm[index],
+                               self.pairwise_norm)
+
 
 def mean_abs(u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Mean absolute value of U [B, T, K] over each example's valid positions -> [B]."""
@@ -34,7 +44,13 @@ def mean_abs(u: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (u.abs() * mask).sum((1, 2)) / (lengths * u.shape[-1]).clamp_min(1)
 
 
-class ChainCRF(nn.Module):
+class ChainCRF(I.Model):
+    parts = ("unary_net", "pairwise")  # the children a training stage may name
+    outputs = frozenset({I.SEQUENCE})
+    provides = frozenset({I.CHAIN_POTENTIALS, I.LOCAL, I.LOCAL_LOGITS, I.SCALABLE_LOCAL, I.ENERGY, I.SMOOTH_ENERGY,
+                          I.VALUE})
+    relaxation = "simplex"  # relaxed labels: a distribution over the K labels per position
+
     def __init__(self, num_labels: int, unary_net: nn.Module, unary_scale: float = 1.0,
                  normalise: bool = False, pairwise_init_std: float = 0.01, eps: float = 1e-6):
         super().__init__()
@@ -43,7 +59,9 @@ class ChainCRF(nn.Module):
         self.pairwise = PairwiseTable(num_labels, pairwise_init_std)
         self.register_buffer("unary_scale", torch.tensor(float(unary_scale)))
 
-    def features(self, x: torch.Tensor, lengths: torch.Tensor) -> ChainPotentials:
+    def features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> ChainPotentials:
+        if lengths is None:  # every position of x is a label (fixed-length sequences)
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
         return self.potentials(self.unary_net(x, lengths), lengths)
 
     def potentials(self, unary: torch.Tensor, lengths: torch.Tensor, scale: float | None = None) -> ChainPotentials:
@@ -55,6 +73,29 @@ class ChainCRF(nn.Module):
             unary = unary / u_norm.clamp_min(self.eps)[:, None, None]
             w = w / w_norm.clamp_min(self.eps)
         return ChainPotentials(alpha * unary, w, lengths, u_norm, w_norm)
+
+    def energy(self, y: torch.Tensor, feats: ChainPotentials) -> torch.Tensor:
+        """-F at relaxed labels y [B, T, K] (rows on the simplex): -Σ_j y_j·αU_j - Σ_j y_jᵀ W y_{j+1},
+        positions past each sequence's end ignored; equals -F(Y | X) at one-hot labels. Bilinear in
+        y, so smooth enough for unrolled learning."""
+        valid = torch.arange(y.shape[1], device=y.device) < feats.lengths.unsqueeze(-1)  # [B, T]
+        y = y * valid.unsqueeze(-1).to(y.dtype)
+        unary = (y * feats.unary).sum((1, 2))  # [B]
+        pairwise = torch.einsum("btk,kl,btl->b", y[:, :-1], feats.pairwise, y[:, 1:])  # [B]
+        return -(unary + pairwise)
+
+    def score(self, y: torch.Tensor, feats: ChainPotentials) -> torch.Tensor:
+        """-E per position: the CRF's score read as the pre-sigmoid value of a relaxed labelling (the
+        value objective), per position so that σ(score) can match a per-token accuracy at any length."""
+        return -self.energy(y, feats) / feats.lengths.clamp_min(1).to(y.dtype)
+
+    def local_logits(self, feats: ChainPotentials) -> torch.Tensor:
+        return feats.unary  # [B, T, K]
+
+    def local_probs(self, feats: ChainPotentials) -> torch.Tensor:
+        """softmax of the unaries per position [B, T, K] (zero rows past each sequence's end)."""
+        mask = torch.arange(feats.unary.shape[1], device=feats.unary.device) < feats.lengths.unsqueeze(-1)  # [B, T]
+        return torch.softmax(feats.unary, -1) * mask.unsqueeze(-1)
 
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsp.errors import DspError
+from dsp import interfaces as I
 from dsp.nn.mlp import make_activation
 from dsp.nn.smooth import softabs
 
@@ -52,7 +53,11 @@ class GaussianLikelihood(nn.Module):
         super().__init__()
         if sigma <= 0:
             raise DspError(f"model.likelihood.sigma must be > 0, got {sigma}")
-        self.log_sigma2 = nn.Parameter(torch.tensor(math.log(sigma**2)), requires_grad=learn_sigma)
+        value = torch.tensor(math.log(sigma**2))
+        if learn_sigma:
+            self.log_sigma2 = nn.Parameter(value)
+        else:  # a buffer: stages switch requires_grad of whole modules on, which must not train it
+            self.register_buffer("log_sigma2", value)
 
     @property
     def sigma2(self) -> torch.Tensor:
@@ -99,18 +104,22 @@ class DeepPrior(nn.Module):
         return F.conv2d(h, self._weight(self.out), self.out.bias).flatten(1).sum(-1)  # [B]
 
 
-class DenoisingEnergy(nn.Module):
+class DenoisingEnergy(I.Model):
     """E_x(y) = ‖y - x‖² + 2σ² R(y); prediction minimises it from y_0 = x."""
 
+    parts = ("likelihood", "prior")  # the children a training stage may name
     y_parts = ("prior",)  # what must be twice differentiable in y for unrolled learning
-    is_structured = True
+    inputs = frozenset({I.IMAGES})
+    relaxation = "real"  # images: unconstrained values
+    outputs = frozenset({I.IMAGE})
+    provides = frozenset({I.ENERGY, I.LOCAL})
 
     def __init__(self, prior: nn.Module, likelihood: nn.Module | None = None):
         super().__init__()
         self.likelihood = likelihood if likelihood is not None else GaussianLikelihood()
         self.prior = prior
 
-    def features(self, x: torch.Tensor) -> NoisyImage:
+    def features(self, x: torch.Tensor, lengths=None) -> NoisyImage:
         return NoisyImage(x)
 
     def energy(self, y: torch.Tensor, feats: NoisyImage) -> torch.Tensor:
@@ -121,11 +130,16 @@ class DenoisingEnergy(nn.Module):
         return feats.noisy
 
 
-class FeedForwardDenoiser(nn.Module):
+class FeedForwardDenoiser(I.Model):
     """The baseline of §6.1.3: the deep prior's convolutions without the pooling, predicting y
     from x in one pass (as y = x + residual when `residual`, the usual denoising CNN form)."""
 
-    is_structured = False
+    parts = ("net",)  # the children a training stage may name
+    inputs = frozenset({I.IMAGES})
+    relaxation = "real"  # images: unconstrained values
+    outputs = frozenset({I.IMAGE})
+    provides = frozenset({I.LOCAL, I.LOCAL_LOGITS})
+    structured = classmethod(lambda cls, config: False)  # predicted by its local term alone
 
     def __init__(self, channels: int = 32, kernel: int = 7, activation: str = "softplus:25", residual: bool = True):
         super().__init__()
@@ -139,9 +153,12 @@ class FeedForwardDenoiser(nn.Module):
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
         out = self.net(x.unsqueeze(1)).squeeze(1)  # [B, H, W]
         return x + out if self.residual else out
+
+    def local_logits(self, prediction: torch.Tensor) -> torch.Tensor:
+        return prediction  # real-valued output: the scores are the prediction
 
     def local_probs(self, prediction: torch.Tensor) -> torch.Tensor:
         return prediction

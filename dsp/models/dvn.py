@@ -17,14 +17,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.models.spen import SpenFeatures
 
 
-class DeepValueNetwork(nn.Module):
+class DeepValueNetwork(I.Model):
     """Feature net F(x) + local score + global score on ȳ; see the module docstring."""
 
-    is_structured = True  # prediction is always gradient ascent on v (from ȳ = 0)
+    parts = ("feature_net", "local_score", "global_score")  # the children a training stage may name
+    outputs = frozenset({I.MULTILABEL})
+    provides = frozenset({I.ENERGY, I.VALUE, I.LOCAL, I.LOCAL_LOGITS})
+    y_parts = ("global_score",)
 
     def __init__(self, num_labels: int, feature_net: nn.Module, local_score, global_score=None,
                  ascend: str = "value"):
@@ -39,7 +43,7 @@ class DeepValueNetwork(nn.Module):
         self.global_score = None if global_score is None else global_score(num_labels=num_labels, num_features=width)
         self.ascend = ascend
 
-    def features(self, x: torch.Tensor) -> SpenFeatures:
+    def features(self, x: torch.Tensor, lengths=None) -> SpenFeatures:
         f = self.feature_net(x)  # [B, f]
         return SpenFeatures(f, self.local_score(f))  # logits [B, L]
 
@@ -65,3 +69,6 @@ class DeepValueNetwork(nn.Module):
     def local_probs(self, feats: SpenFeatures) -> torch.Tensor:
         """σ(b_iᵀF(x)) [B, L], for inference.init=local (the paper starts from ȳ = 0 instead)."""
         return torch.sigmoid(feats.logits)
+
+    def local_logits(self, feats: SpenFeatures) -> torch.Tensor:
+        return feats.logits  # [B, L]

@@ -31,6 +31,7 @@ from torch import nn
 
 from dsp.errors import DspError
 from dsp.nn.unet import UNet
+from dsp import interfaces as I
 
 
 class ConvLayers(nn.Module):
@@ -72,17 +73,22 @@ class MaskValueFeatures:
     def detach(self) -> "MaskValueFeatures":
         return MaskValueFeatures(self.features.detach(), self.logits.detach())
 
+    def take(self, index: torch.Tensor) -> "MaskValueFeatures":
+        return MaskValueFeatures(self.features[index], self.logits[index])
+
     @property
     def unary(self) -> torch.Tensor:
         """The zero logits [B, H, W], for SegmentationTask's mode "local"."""
         return self.logits
 
 
-class MaskValueNetwork(nn.Module):
+class MaskValueNetwork(I.Model):
     """What every value network over masks shares: v(x, ȳ) = σ(s(x, ȳ)), energy -v (or -s), the
     ascent's start ȳ = 0. Subclasses define score(ȳ, feats)."""
 
-    is_structured = True  # prediction is gradient ascent on v from ȳ = 0
+    inputs = frozenset({I.IMAGES})
+    outputs = frozenset({I.MASK})
+    provides = frozenset({I.ENERGY, I.VALUE})  # local_probs is the start ȳ = 0, not a local term
     has_local_term = False  # σ(0) = 0.5 everywhere: predict=local is refused (stages, dsp-eval)
 
     def __init__(self, ascend: str = "value"):
@@ -91,7 +97,7 @@ class MaskValueNetwork(nn.Module):
             raise DspError(f"model.ascend={ascend!r}: choose 'value' (Eq. 8) or 'score'")
         self.ascend = ascend
 
-    def features(self, x: torch.Tensor) -> MaskValueFeatures:
+    def features(self, x: torch.Tensor, lengths=None) -> MaskValueFeatures:
         b, _, h, w = x.shape
         return MaskValueFeatures(x, x.new_zeros(b, h, w))
 
@@ -123,6 +129,8 @@ class MaskValueNetwork(nn.Module):
 class SegmentationValueNetwork(MaskValueNetwork):
     """v(x, ȳ) = σ(s(x, ȳ)) for masks ȳ ∈ [0,1]^{H×W} (Figure 2); see the module docstring."""
 
+    parts = ("conv", "head")  # the children a training stage may name
+
     def __init__(self, in_channels: int = 3, size: int = 32, unary: dict | None = None,
                  hidden: tuple = (384, 192), dropout: float = 0.25, ascend: str = "value"):
         super().__init__(ascend)
@@ -144,7 +152,7 @@ class SegmentationValueNetwork(MaskValueNetwork):
         self.head = nn.Sequential(*layers)
         self.size = size
 
-    def features(self, x: torch.Tensor) -> MaskValueFeatures:
+    def features(self, x: torch.Tensor, lengths=None) -> MaskValueFeatures:
         h, w = x.shape[-2:]
         if (h, w) != (self.size, self.size):  # the fully connected layers fix the input side
             raise DspError(f"the value network was built for {self.size}×{self.size} inputs (model.size) but got "
@@ -199,6 +207,8 @@ class PooledValueNetwork(MaskValueNetwork):
                from "iou"). The correction can learn what the oracle form cannot: a shape prior,
                and the calibration of v on the masks the ascent visits."""
 
+    parts = ("trunk", "pixel", "head", "correction")  # the children a training stage may name
+
     HEADS = ("mlp", "ratio", "iou", "iou_mlp")
     EPS = 1e-3  # added to both pixel means of the ratio heads: keeps log finite at ȳ = 0 and ȳ = ŷ
 
@@ -240,7 +250,7 @@ class PooledValueNetwork(MaskValueNetwork):
         """s = log ā − log d̄ [B] from the pixel means ā, d̄ [B], so that σ(s) = ā / (ā + d̄), eps aside."""
         return (a + cls.EPS).log() - (d + cls.EPS).log()
 
-    def features(self, x: torch.Tensor) -> MaskValueFeatures:
+    def features(self, x: torch.Tensor, lengths=None) -> MaskValueFeatures:
         if self.trunk_sees_mask:
             return super().features(x)  # the trunk runs per mask, in score()
         b, _, h, w = x.shape
@@ -276,7 +286,7 @@ class FCNFeatures:
         return FCNFeatures(self.unary.detach())
 
 
-class FCN(nn.Module):
+class FCN(I.Model):
     """Fully convolutional baseline (Long et al. 2015; DVN §5.2): the value network's conv layers on
     the image alone, then one foreground logit per pixel. Trained per pixel (objective
     UnaryCrossEntropy), predicted locally.
@@ -287,7 +297,11 @@ class FCN(nn.Module):
     `stride`, Long et al.'s learned "deconvolution"), so each block gets its own stride×stride
     pattern of logits."""
 
-    is_structured = False
+    parts = ("conv", "classifier")  # the children a training stage may name
+    inputs = frozenset({I.IMAGES})
+    outputs = frozenset({I.MASK})
+    provides = frozenset({I.LOCAL, I.LOCAL_LOGITS})
+    structured = classmethod(lambda cls, config: False)  # predicted by its local term alone
 
     def __init__(self, in_channels: int = 3, unary: dict | None = None, upsample: str = "bilinear"):
         super().__init__()
@@ -300,7 +314,7 @@ class FCN(nn.Module):
         else:
             self.classifier = nn.Conv2d(self.conv.out_channels, 1, 1)
 
-    def features(self, x: torch.Tensor) -> FCNFeatures:
+    def features(self, x: torch.Tensor, lengths=None) -> FCNFeatures:
         h, w = x.shape[-2:]
         u = self.classifier(self.conv(x))  # [B, 1, h', w']: blocks (bilinear) or >= [B, 1, H, W] (learned)
         if self.upsample == "learned":
@@ -311,6 +325,9 @@ class FCN(nn.Module):
 
     def local_probs(self, feats: FCNFeatures) -> torch.Tensor:
         return torch.sigmoid(feats.unary)
+
+    def local_logits(self, feats: FCNFeatures) -> torch.Tensor:
+        return feats.unary  # [B, H, W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).unary

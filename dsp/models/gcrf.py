@@ -27,7 +27,8 @@ from torch import nn
 
 from dsp.errors import DspError
 from dsp.inference.cg import effective_lambda, gcrf_solve
-from dsp.training.predict import eval_mode
+from dsp import interfaces as I
+from dsp.nn.modes import eval_mode
 
 
 @dataclass
@@ -75,7 +76,7 @@ class GCRFPotentials:
         return s.reshape(b, h, w), iterations, converged
 
 
-class GaussianCRF(nn.Module):
+class GaussianCRF(I.Model):
     """`unary`: images [B, C, H, W] -> [B, 1, H, W]; `pairwise`: images -> embeddings [B, D, H, W]
     (or None for the unary-only model). `lam` is λ, the smallest eigenvalue of the system
     λ_eff I - A Aᵀ with λ_eff = λ_max(Aᵀ A)·(1 + lam_margin) + lam per image; `cg_tol` /
@@ -86,6 +87,10 @@ class GaussianCRF(nn.Module):
     (m = lam_margin) along the top one. Without it the gain of the unary falls as 1/λ_eff while the
     embeddings grow, and training collapses onto the top eigenvector (59.9 test mean IoU after 12
     epochs of gcrf_horses_joint, against 73.4 with unit_gain and lam_margin=1)."""
+
+    parts = ("unary", "pairwise")  # the children a training stage may name
+    outputs = frozenset({I.MASK})
+    provides = frozenset({I.GAUSSIAN_POTENTIALS, I.LOCAL, I.LOCAL_LOGITS, I.SCALABLE_LOCAL})
 
     def __init__(self, unary: nn.Module, pairwise: nn.Module | None = None, lam: float = 1.0,
                  unary_scale: float = 1.0, cg_tol: float = 1e-5, cg_max_iter: int = 100,
@@ -120,6 +125,12 @@ class GaussianCRF(nn.Module):
 
     def features(self, x: torch.Tensor, lengths=None) -> GCRFPotentials:
         return self.potentials(self.unary_net(x))
+
+    def local_logits(self, feats: GCRFPotentials) -> torch.Tensor:
+        return feats.unary  # [B, H, W]: α u
+
+    def local_probs(self, feats: GCRFPotentials) -> torch.Tensor:
+        return torch.sigmoid(feats.unary)
 
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

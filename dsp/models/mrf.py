@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from dsp.errors import DspError
-from dsp.inference.message_passing import MRFPotentials
+from dsp.inference.message_passing import MRFPotentials, relaxed_score
 from dsp.inference.region_graph import build_graph
-from dsp.training.predict import eval_mode
+from dsp import interfaces as I
+from dsp.nn.modes import eval_mode
 
 PAIRWISE_KINDS = ("table", "mlp")
 
@@ -65,9 +66,15 @@ class PairwiseMLP(nn.Module):
         return out
 
 
-class MRF(nn.Module):
-    is_structured = True
-    y_parts = ()  # potentials are tables over discrete y: nothing to differentiate in y
+class MRF(I.Model):
+    parts = ("unary_net", "pairwise")  # the children a training stage may name
+    outputs = frozenset({I.SEQUENCE, I.MULTILABEL})  # sequences: of the model's fixed length
+
+    @classmethod
+    def outputs_for(cls, config) -> frozenset[str]:
+        """Binary variables are multi-label tags (the tagging MRF); more states, sequence labels."""
+        return frozenset({I.MULTILABEL}) if str(config.get("num_states")) == "2" else frozenset({I.SEQUENCE})
+    provides = frozenset({I.REGION_POTENTIALS, I.LOCAL, I.LOCAL_LOGITS, I.ENERGY, I.SMOOTH_ENERGY, I.VALUE})
 
     def __init__(self, num_variables: int, num_states: int, unary_net: nn.Module, graph: dict | None = None,
                  pairwise: str = "table", pairwise_hidden: int = 16, in_features: int | None = None,
@@ -108,9 +115,28 @@ class MRF(nn.Module):
         graph = self._graph_on(x.device)
         return MRFPotentials(self.unaries(x), self.pairwise(x, graph), graph)
 
+    @property
+    def relaxation(self) -> str:
+        return "box" if self.num_states == 2 else "simplex"  # P(y_i = 1) [B, N], or rows [B, N, K]
+
+    def energy(self, y: torch.Tensor, pot: MRFPotentials) -> torch.Tensor:
+        """-F at relaxed labels [B, N] (binary: P(y_i = 1)) or [B, N, K]: the multilinear extension of
+        the score, which equals -F(x, y) at 0/1 labels (End-to-end SPENs over the MRF's energy)."""
+        q = torch.stack([1 - y, y], -1) if y.dim() == 2 else y  # [B, N, K]
+        return -relaxed_score(pot, q)
+
+    def score(self, y: torch.Tensor, pot: MRFPotentials) -> torch.Tensor:
+        return -self.energy(y, pot)
+
     def local_probs(self, pot: MRFPotentials) -> torch.Tensor:
-        """P(y_i = 1) from the unaries alone (binary variables: the tagging MRF's local model)."""
-        return torch.softmax(pot.unary, -1)[..., 1]
+        """From the unaries alone: P(y_i = 1) [B, N] of binary variables (the tagging MRF's local
+        model), per-variable class probabilities [B, N, K] otherwise."""
+        probs = torch.softmax(pot.unary, -1)
+        return probs[..., 1] if self.num_states == 2 else probs
+
+    def local_logits(self, pot: MRFPotentials) -> torch.Tensor:
+        """Log-odds [B, N] of binary variables, class scores [B, N, K] otherwise."""
+        return pot.unary[..., 1] - pot.unary[..., 0] if self.num_states == 2 else pot.unary
 
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dsp import interfaces as I
 from dsp.nn.mlp import MLP, make_activation
 from dsp.nn.smooth import SoftAbs
 
@@ -39,6 +40,10 @@ class SpenFeatures:
 
     def detach(self) -> "SpenFeatures":
         return SpenFeatures(self.features.detach(), self.logits.detach())
+
+    def take(self, index: torch.Tensor) -> "SpenFeatures":
+        """The features of a subset of the batch."""
+        return SpenFeatures(self.features[index], self.logits[index])
 
 
 class LocalEnergy(nn.Module):
@@ -120,12 +125,16 @@ class GlobalEnergy(nn.Module):
         return self.measure.weight[:, : self.num_labels]
 
 
-class SPEN(nn.Module):
+class SPEN(I.Model):
     """Feature network + local energy + optional global energy; see the module docstring."""
 
+    parts = ("feature_net", "local_energy", "global_energy")  # the children a training stage may name
+    outputs = frozenset({I.MULTILABEL})
+    provides = frozenset({I.ENERGY, I.LOCAL, I.LOCAL_LOGITS, I.VALUE, I.SCALABLE_LOCAL})
     y_parts = ("global_energy",)  # the parts that see ȳ (twice differentiable for unrolled learning)
 
-    def __init__(self, num_labels: int, feature_net: nn.Module, local_energy, global_energy=None):
+    def __init__(self, num_labels: int, feature_net: nn.Module, local_energy, global_energy=None,
+                 unary_scale: float = 1.0):
         """`local_energy` and `global_energy` are factories (Hydra `_partial_` nodes) that get the
         sizes wired in here, so a config never repeats the feature width."""
         super().__init__()
@@ -133,21 +142,37 @@ class SPEN(nn.Module):
         self.feature_net = feature_net
         self.local_energy = local_energy(in_features=width, num_labels=num_labels)
         self.global_energy = None if global_energy is None else global_energy(num_labels=num_labels, num_features=width)
+        # α multiplies the local energy (the scaling paper's §5 on a SPEN); trainer.online_scaling
+        # re-chooses it every epoch. A buffer: checkpoints keep it.
+        self.register_buffer("unary_scale", torch.tensor(float(unary_scale)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "unary_scale", torch.tensor(1.0))  # checkpoints from before α existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def structured(cls, config) -> bool:
+        return config.get("global_energy", True) is not None  # the MLP baseline reads its logits
 
     @property
     def is_structured(self) -> bool:
         """False for the MLP baseline, whose minimiser is read off the logits."""
         return self.global_energy is not None
 
-    def features(self, x: torch.Tensor) -> SpenFeatures:
+    def features(self, x: torch.Tensor, lengths=None) -> SpenFeatures:
         f = self.feature_net(x)  # [B, f]
-        return SpenFeatures(f, self.local_energy(f))
+        return SpenFeatures(f, self.unary_scale * self.local_energy(f))  # logits [B, L], scaled by α
 
     def energy(self, y: torch.Tensor, feats: SpenFeatures) -> torch.Tensor:
         e = -(y * feats.logits).sum(-1)  # [B]
         if self.global_energy is not None:
             e = e + self.global_energy(y, feats.features)
         return e
+
+    def score(self, y: torch.Tensor, feats: SpenFeatures) -> torch.Tensor:
+        """-E_x(ȳ) [B], read as the pre-sigmoid value of ȳ: the value objective trains a SPEN to
+        rank outputs by their task score (a deep value network of SPEN's shape)."""
+        return -self.energy(y, feats)
 
     def has_analytic_gradient(self) -> bool:
         return self.global_energy is None or self.global_energy.has_analytic_gradient()
@@ -167,3 +192,14 @@ class SPEN(nn.Module):
 
     def local_probs(self, feats: SpenFeatures) -> torch.Tensor:
         return torch.sigmoid(feats.logits)
+
+    def local_logits(self, feats: SpenFeatures) -> torch.Tensor:
+        return feats.logits  # [B, L]
+
+    @torch.no_grad()
+    def images(self) -> dict[str, torch.Tensor]:
+        """The global energy's measurement matrix C1 [M, L] (SPEN Figure 1)."""
+        if self.global_energy is None:
+            return {}
+        c1 = self.global_energy.measurement_matrix.detach().float().cpu()  # [M, L]
+        return {"global_energy_C1": (c1 - c1.min()) / (c1.max() - c1.min()).clamp_min(1e-12)}

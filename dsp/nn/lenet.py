@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsp import interfaces as I
+
 from dsp.nn.mlp import make_activation
 
 
@@ -51,6 +53,8 @@ class PerPosition(nn.Module):
 
     Padded positions are skipped (OCR words average ~8 of 14 letters) and get zeros.
     """
+
+    inputs = frozenset({I.IMAGE_SEQUENCES})  # what dsp.compat matches against the data's input kind
 
     def __init__(self, net: nn.Module):
         super().__init__()

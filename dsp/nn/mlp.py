@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dsp import interfaces as I
+
 from dsp.errors import DspError
 from dsp.nn.smooth import SoftAbs
 
@@ -47,6 +49,8 @@ class MLP(nn.Module):
     `hidden=[]` is the identity (a linear feature network for a linear local energy).
     `out_features` adds a final affine layer without activation.
     """
+
+    inputs = frozenset({I.VECTORS})  # what dsp.compat matches against the data's input kind
 
     def __init__(
         self,

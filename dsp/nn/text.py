@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from dsp import interfaces as I
+
 from dsp.data.conll import UNK_ID
 from dsp.errors import DspError
 
@@ -80,6 +82,8 @@ class WordTagger(nn.Module):
     probability. With every training word in the vocabulary the unknown row is otherwise never
     trained, yet it is the embedding every out-of-vocabulary validation and test word gets.
     """
+
+    inputs = frozenset({I.TOKEN_SEQUENCES})  # what dsp.compat matches against the data's input kind
 
     def __init__(self, num_labels: int, num_words: int, num_pos: int, num_chars: int, word_dim: int = 50,
                  pos_dim: int = 10, char_dim: int = 10, char_hidden: int = 50, char_layers: int = 2,

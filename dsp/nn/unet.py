@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsp import interfaces as I
+
 from dsp.errors import DspError
 
 
@@ -30,6 +32,8 @@ class UNet(nn.Module):
     `depth` is the number of 2× downsamplings (H and W need not be divisible by 2^depth: the
     upsampling follows each skip connection's size); block i has base_width·2^i channels.
     """
+
+    inputs = frozenset({I.IMAGES})  # what dsp.compat matches against the data's input kind
 
     def __init__(self, in_channels: int = 3, out_channels: int | None = 1, base_width: int = 16, depth: int = 3):
         super().__init__()

@@ -11,14 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.inference import chain
 from dsp.inference.mean_field import mean_field_marginals
 from dsp.tasks.sequence import lengths_of
 
 
-class ChainObjective:
+class ChainObjective(I.Objective):
+    outputs = frozenset({I.SEQUENCE})
+    needs = frozenset({I.CHAIN_POTENTIALS})
     prediction = "viterbi"
+    rescores_potentials = True  # loss_on(potentials, y): online scaling re-scores cached unaries
 
     def __init__(self, scale_reg_weight: float = 0.0, scale_reg_target: float = 1.0):
         self.scale_reg_weight, self.scale_reg_target = scale_reg_weight, scale_reg_target

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.inference.message_passing import CountingNumbers, MRFPotentials, dual, score_labels, sweep, zero_messages
 
@@ -77,8 +78,11 @@ class MessageStore:
         self.groups = [state[str(i)] for i in range(len(state))] or None
 
 
-class BlendedMRFLoss:
+class BlendedMRFLoss(I.Objective):
+    outputs = frozenset({I.SEQUENCE, I.MULTILABEL})
+    needs = frozenset({I.REGION_POTENTIALS})
     prediction = "beliefs"
+    per_example_state = True  # messages kept per training example (index=)
 
     def __init__(self, epsilon: float = 1.0, counting_variables="1.0", counting_factors: float = 1.0,
                  iterations: int = 1, persistent: bool = True, margin: float = 0.0, store: str = "device",
@@ -130,6 +134,9 @@ class BlendedMRFLoss:
         nll = (dual(pot, lam, counts) - score_labels(pot, y)).mean().item()
         return {"nll_converged": nll}
 
+    def shared_rows(self):
+        return self.store if self.persistent else None  # ddp: every rank reads the freshest messages
+
     def state_dict(self) -> dict:
         return {"messages": self.store.state_dict()}
 
@@ -137,7 +144,9 @@ class BlendedMRFLoss:
         self.store.load_state_dict(state.get("messages", {}))
 
 
-class MRFUnaryLoss:
+class MRFUnaryLoss(I.Objective):
+    outputs = frozenset({I.SEQUENCE, I.MULTILABEL})
+    needs = frozenset({I.REGION_POTENTIALS})
     """Cross-entropy of each variable's unaries alone (the 'unary only' strategy and the first
     stage of PwTrain / PreTrainJoint: pairwise potentials play no part)."""
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from dsp import interfaces as I
 
-class LocalMSE:
+
+class LocalMSE(I.Objective):
+    outputs = frozenset({I.IMAGE, I.MULTILABEL, I.MASK})
+    needs = frozenset({I.LOCAL, I.LOCAL_LOGITS})  # a trainable local prediction
+
     def loss(self, model, inference, x, y):
         return F.mse_loss(model.local_probs(model.features(x)), y), {}

@@ -14,15 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.tasks.oracles import soft_iou
 
 
-class SegmentationCrossEntropy:
+class SegmentationCrossEntropy(I.Objective):
     """Per-pixel cross-entropy of σ(s*) against the mask: the only objective of the paper's
     binary-segmentation row (Table 2)."""
 
+    outputs = frozenset({I.MASK})
+    needs = frozenset({I.GAUSSIAN_POTENTIALS})
     prediction = "inference"
+    rescores_potentials = True  # loss_on(potentials, y): online scaling re-scores cached unaries
 
     def __init__(self, iou_weight: float = 0.0):
         try:
@@ -51,10 +55,11 @@ class UnaryCrossEntropy(SegmentationCrossEntropy):
     """Per-pixel cross-entropy of σ(α u), the unaries alone (the unary-only UNet baseline; the
     first stage of stage training). No linear system is solved."""
 
+    needs = frozenset({I.LOCAL_LOGITS})
     prediction = "unary"
 
-    def loss(self, model, inference, x, y):
-        return self.loss_on(model.features(x), y), {}
+    def loss(self, model, inference, x, y):  # any model's local logits (the FCN's, the Gaussian CRF's α u)
+        return self.logit_loss(model.local_logits(model.features(x)), y), {}
 
-    def loss_on(self, feats, y) -> torch.Tensor:
+    def loss_on(self, feats, y) -> torch.Tensor:  # online scaling: the Gaussian CRF's scaled unaries
         return self.logit_loss(feats.unary, y)

@@ -40,34 +40,39 @@ used on. generate_in="train" keeps the model as the trainer set it.
 """
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from dsp import interfaces as I
 from dsp.errors import DspError
-from dsp.models.spen import SpenFeatures
+from dsp.inference.gradient import project_simplex
 from dsp.objectives.replay import ReplayBuffer
-from dsp.tasks.oracles import oracle_fn
-from dsp.training.predict import eval_mode
+from dsp.objectives.unrolled import one_hot_targets
+from dsp.tasks.oracles import default_oracle, oracle_fn
+from dsp.nn.modes import eval_mode
 
 SOURCES = ("ground_truth", "inference", "adversarial", "stratified")
 
 
-def _take(feats: SpenFeatures, idx: torch.Tensor) -> SpenFeatures:
-    """The features of a subset of the batch."""
-    return SpenFeatures(feats.features[idx], feats.logits[idx])
-
-
-class ValueObjective:
+class ValueObjective(I.Objective):
+    outputs = frozenset({I.MULTILABEL, I.MASK, I.SEQUENCE})
+    needs = frozenset({I.VALUE})
+    checkpoint_state = True  # the replay ring
     per_rank_state = True  # ddp: each rank's replay ring holds the tuples that rank generated
+
+    @classmethod
+    def needs_for(cls, config):
+        sources = config.get("sources") or {"inference": 1}
+        infers = float(sources.get("inference", 0) or 0) > 0
+        return cls.needs, frozenset({I.RELAXED}) if infers else frozenset()
 
     def __init__(
         self,
         sources: dict | None = None,
         loss: str = "ce",
-        oracle: str = "f1",
+        oracle: str = "auto",
         trajectory: str = "final",
         adversarial_steps: int = 3,
         adversarial_lr: float = 0.1,
@@ -97,7 +102,8 @@ class ValueObjective:
             raise DspError(f"objective.stratified_temperature must be > 0, got {stratified_temperature}")
         self.names = [n for n in SOURCES if float(sources.get(n, 0)) > 0]
         self.weights = torch.tensor([float(sources[n]) for n in self.names])  # [S]
-        self.loss_name, self.oracle = loss, oracle_fn(oracle)
+        self.loss_name, self.oracle_name = loss, oracle
+        self._oracle = None if oracle == "auto" else oracle_fn(oracle)  # auto: chosen at the first batch
         self.trajectory = trajectory
         self.adversarial_steps, self.adversarial_lr = adversarial_steps, adversarial_lr
         self.tau, self.candidates, self.max_flips = stratified_temperature, stratified_candidates, stratified_max_flips
@@ -123,31 +129,48 @@ class ValueObjective:
         if self.replay is not None:
             self.replay.load_state_dict(state.get("replay", {}))
 
+    def oracle(self, y_bar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """v*(ȳ, y) [B] against the relaxed target (one-hot rows for label sequences)."""
+        if self._oracle is None:
+            self._oracle = oracle_fn(default_oracle(target))
+        return self._oracle(y_bar, target)
+
+    def relaxed(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The target in the relaxed output space: one-hot rows [B, T, K] for label sequences (zero
+        past each end), the 0/1 labels or masks themselves otherwise."""
+        return y if y.is_floating_point() else one_hot_targets(y, num_classes)[0]
+
     def loss(self, model, inference, x, y):
         b = y.shape[0]
+        if self._oracle is None:  # oracle=auto: the task's own score, fixed at the first batch
+            self._oracle = oracle_fn(default_oracle(y))
         replayed = self.replay.sample(self.replay_batch) if self.replay is not None and len(self.replay) else None
         x_all = x if replayed is None else torch.cat([x, replayed[0]])  # fresh, then replayed examples
-        feats = model.features(x_all)  # computed once: the loss needs its graph ...
+        y_all = y if replayed is None else torch.cat([y, replayed[2]])
+        feats = model.features(x_all, I.sequence_lengths(y_all))  # computed once: the loss needs its graph ...
         fixed = feats.detach()  # ... the tuple generators (fresh examples only) do not
         if replayed is not None:
-            fixed = _take(fixed, torch.arange(b, device=y.device))
+            fixed = fixed.take(torch.arange(b, device=y.device))
+        num_classes = model.local_probs(fixed).shape[-1]
+        target = self.relaxed(y, num_classes)  # [B, ...] in the relaxed space
         source = torch.multinomial(self.weights, b, replacement=True).to(y.device)  # [B]
-        y_bar = torch.empty_like(y)
+        y_bar = torch.empty_like(target)
         drawn = {}
         with eval_mode(model) if self.generate_in == "eval" else nullcontext():
             for k, name in enumerate(self.names):
                 idx = (source == k).nonzero().squeeze(-1)  # [n_k]
                 if idx.numel() > 0:
                     drawn[name] = idx
-                    y_bar[idx] = getattr(self, f"generate_{name}")(model, inference, _take(fixed, idx), y[idx])
-        y_bar = y_bar.detach()  # [B, L]
+                    y_bar[idx] = getattr(self, f"generate_{name}")(model, inference, fixed.take(idx), target[idx])
+        y_bar = y_bar.detach()  # [B, ...]
         if self.replay is not None:
             self.replay.push(x, y_bar, y)  # after sampling: a step never replays its own tuples
         if replayed is not None:
-            y_bar, y = torch.cat([y_bar, replayed[1]]), torch.cat([y, replayed[2]])  # [B + R, L]
-            drawn["replay"] = torch.arange(b, y.shape[0], device=y.device)
+            y_bar = torch.cat([y_bar, replayed[1]])  # [B + R, ...]
+            target = self.relaxed(y_all, num_classes)
+            drawn["replay"] = torch.arange(b, y_all.shape[0], device=y.device)
         with torch.no_grad():
-            v_star = self.oracle(y_bar, y)  # [B (+ R)]
+            v_star = self.oracle(y_bar, target)  # [B (+ R)]
         score = model.score(y_bar, feats)  # [B (+ R)]
         loss = self.regression(score, v_star).mean()
         # How good each source's outputs are: v_star/inference is the training F1 of inference.
@@ -162,17 +185,20 @@ class ValueObjective:
     def generate_inference(self, model, inference, feats, y):
         if inference is None:
             raise DspError("objective.sources.inference > 0 needs an inference routine")
-        if self.trajectory == "random" and hasattr(inference, "max_iter"):
-            inference = copy.copy(inference)  # a truncated run: a random point of the trajectory
-            inference.max_iter = int(torch.randint(1, inference.max_iter + 1, ()).item())
+        if self.trajectory == "random":  # a truncated run: a random point of the trajectory
+            inference = inference.at_random_step()
         return inference(model, feats, train=True).y.detach()
 
     def generate_adversarial(self, model, inference, feats, y, start=None):
         """Projected ℓ∞-normalised gradient ascent on the value loss w.r.t. ȳ [n, L] (§3.3),
-        from `start` (default: y or 0, a coin per example)."""
+        from `start` (default: y or 0, a coin per example; for label sequences the uniform
+        distribution stands for 0, and each step is projected back onto every position's simplex)."""
+        rows = model.relaxation == "simplex"  # one-hot label rows [n, T, K]
+        valid = (y.sum(-1, keepdim=True) > 0).to(y.dtype) if rows else None  # [n, T, 1]
         if start is None:
             from_truth = torch.rand(y.shape[0], *([1] * (y.dim() - 1)), device=y.device) < 0.5  # [n, 1]
-            start = torch.where(from_truth, y, torch.zeros_like(y))
+            blank = valid / y.shape[-1] if rows else torch.zeros_like(y)
+            start = torch.where(from_truth, y, blank)
         y_bar = start.detach()
         with torch.enable_grad():
             for _ in range(self.adversarial_steps):
@@ -184,11 +210,15 @@ class ValueObjective:
                 grad = grad.masked_fill(((y_bar >= 1) & (grad > 0)) | ((y_bar <= 0) & (grad < 0)), 0.0)
                 # per example, over all of its coordinates (labels [n, L] or masks [n, H, W])
                 scale = grad.flatten(1).abs().amax(-1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-                y_bar = (y_bar + self.adversarial_lr * grad / scale).clamp(0.0, 1.0)
+                y_bar = y_bar + self.adversarial_lr * grad / scale
+                y_bar = project_simplex(y_bar) * valid if rows else y_bar.clamp(0.0, 1.0)
         return y_bar.detach()
 
     def generate_stratified(self, model, inference, feats, y):
-        """Flip k random bits of y in `candidates` ways, keep one ∝ exp(v*/τ) -> ȳ [n, L]."""
+        """Flip k random bits of y in `candidates` ways, keep one ∝ exp(v*/τ) -> ȳ [n, L]; label
+        sequences relabel k random positions instead."""
+        if model.relaxation == "simplex" and y.dim() == 3:
+            return self._stratified_sequences(y)
         flat = y.flatten(1)  # [n, L]
         n, size = flat.shape
         k = torch.randint(1, min(self.max_flips, size) + 1, (n, self.candidates, 1), device=y.device)  # [n, K, 1]
@@ -198,3 +228,18 @@ class ValueObjective:
         v = self.oracle(cand.flatten(0, 1), flat.repeat_interleave(self.candidates, 0)).view(n, -1)  # [n, K]
         pick = torch.multinomial(torch.softmax(v / self.tau, -1), 1).squeeze(-1)  # [n]
         return cand[torch.arange(n, device=y.device), pick].view_as(y)
+
+    def _stratified_sequences(self, y: torch.Tensor) -> torch.Tensor:
+        """One-hot label sequences y [n, T, K] (zero rows past the end): each candidate gives k
+        random valid positions a random label; one candidate per example is kept ∝ exp(v*/τ)."""
+        n, t, classes = y.shape
+        valid = y.sum(-1) > 0  # [n, T]
+        k = torch.randint(1, min(self.max_flips, t) + 1, (n, self.candidates, 1), device=y.device)  # [n, C, 1]
+        r = torch.rand(n, self.candidates, t, device=y.device).masked_fill(~valid.unsqueeze(1), 2.0)  # [n, C, T]
+        chosen = (r <= r.sort(-1).values.gather(-1, k - 1)) & valid.unsqueeze(1)  # k valid positions
+        labels = torch.randint(0, classes, (n, self.candidates, t), device=y.device)
+        new = torch.nn.functional.one_hot(labels, classes).to(y.dtype)  # [n, C, T, K]
+        cand = torch.where(chosen.unsqueeze(-1), new, y.unsqueeze(1))  # [n, C, T, K]
+        v = self.oracle(cand.flatten(0, 1), y.repeat_interleave(self.candidates, 0)).view(n, -1)  # [n, C]
+        pick = torch.multinomial(torch.softmax(v / self.tau, -1), 1).squeeze(-1)  # [n]
+        return cand[torch.arange(n, device=y.device), pick]

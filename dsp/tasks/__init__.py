@@ -28,6 +28,4 @@ def task_for(data):
 def takes_rows(task) -> bool:
     """Whether task.batch(x, y, index=rows) wants each batch's rows of the training split (tasks that
     keep a per-example resource: the horses' larger copies for warping)."""
-    import inspect
-
-    return "index" in inspect.signature(task.batch).parameters
+    return task.takes_rows

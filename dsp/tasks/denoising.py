@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from dsp import metrics as M
+from dsp import interfaces as I
 from dsp.errors import DspError
-from dsp.training.predict import eval_mode
+from dsp.nn.modes import eval_mode
 
 GUTTER = 2  # white pixels between the tiles of figures()
 
@@ -43,7 +44,9 @@ def _to_uint8(img: torch.Tensor) -> torch.Tensor:
     return (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-class DenoisingTask:
+class DenoisingTask(I.Task):
+    output = I.IMAGE
+
     main_metric = "psnr"
 
     def __init__(self, crop=(96, 128), sigma: float = 25 / 255, pixels: torch.Tensor | None = None):
@@ -51,7 +54,7 @@ class DenoisingTask:
         self.sigma = float(sigma)
         self.pixels = pixels  # uint8 [P]: the packed training images (dsp.data.denoise)
 
-    def batch(self, x, y):
+    def batch(self, x, y, index=None):
         """Training only: image offsets x [B] and sizes y [B, 2] -> (noisy, clean) [B, ch, cw]."""
         if self.pixels is None:
             raise DspError("this denoising task was built without its training pixels; use dsp.tasks.task_for(data)")
@@ -66,7 +69,7 @@ class DenoisingTask:
             raise DspError("the denoising train split holds whole clean images (offsets and sizes), not "
                            "(noisy, clean) pairs; evaluate split=val or split=test")
         outs, iters = [], []
-        local = mode == "local" or not getattr(model, "is_structured", True)
+        local = self.predicts_locally(model, mode)
         with eval_mode(model):
             for start in range(0, x.shape[0], batch_size):
                 with torch.no_grad():

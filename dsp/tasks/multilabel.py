@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from dsp import metrics as M
+from dsp import interfaces as I
 from dsp.errors import DspError
 
 
@@ -45,17 +46,15 @@ def delta_fn(name: str):
         raise DspError(f"objective.delta={name!r}: choose one of {', '.join(DELTAS)}") from None
 
 
-class MultiLabelTask:
+class MultiLabelTask(I.Task):
     """What the trainer and dsp-eval need to know of multi-label outputs: predictions are relaxed
     ȳ [N, L], decoded by a threshold that is tuned on validation data (or fixed)."""
 
+    output = I.MULTILABEL
     main_metric = "example_f1"
 
-    def batch(self, x, y):
-        return x, y
-
     def predict(self, model, inference, x, y, batch_size: int, mode: str):
-        from dsp.training.predict import predict_soft
+        from dsp.tasks.predict import predict_soft
 
         return predict_soft(model, inference, x, batch_size, mode)
 

@@ -43,11 +43,28 @@ def soft_f1(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-12), torch.ones_like(denom))
 
 
-ORACLES = {"f1": soft_f1, "iou": soft_iou}
+def soft_accuracy(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft per-token accuracy of relaxed label sequences y [B, T, K] against one-hot targets (zero
+    rows past each sequence's end): the mean over positions of the mass on the true label -> [B]."""
+    if y.shape != target.shape:
+        raise ValueError(f"oracle: prediction {tuple(y.shape)} and target {tuple(target.shape)} differ in shape")
+    target = target.to(y.dtype)
+    return (y * target).flatten(1).sum(-1) / target.flatten(1).sum(-1).clamp_min(1)
+
+
+ORACLES = {"f1": soft_f1, "iou": soft_iou, "token_accuracy": soft_accuracy}
 
 
 def oracle_fn(name: str):
     try:
         return ORACLES[name]
     except KeyError:
-        raise DspError(f"objective.oracle={name!r}: choose one of {', '.join(ORACLES)}") from None
+        raise DspError(f"objective.oracle={name!r}: choose auto or one of {', '.join(ORACLES)}") from None
+
+
+def default_oracle(y: torch.Tensor) -> str:
+    """oracle=auto: soft token accuracy for label sequences (class ids), soft IoU for masks [B, H, W],
+    soft F1 for multi-label vectors [B, L]."""
+    if not y.is_floating_point():
+        return "token_accuracy"
+    return "iou" if y.dim() > 2 else "f1"

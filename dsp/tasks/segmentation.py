@@ -7,7 +7,7 @@ argmax of Eq. 13); nothing is tuned on validation data.
 The crop protocol of DVN §5.2 / §5.4 (data.crop, data.flip, data.test_crops, data.combine; see
 dsp.data.images), vectorised over the batch and the crops:
   training    batch() warps and recolours each example when data.augment is set
-              (dsp.tasks.augment), cuts one uniformly random crop×crop window per example, fresh
+              (dsp.data.augment), cuts one uniformly random crop×crop window per example, fresh
               every batch (the trainer calls it on every training batch), and mirrors it
               left-right with p = 1/2 when flip is set (whole images too).
   prediction  every image is cut into a fixed √n × √n grid of windows (offsets evenly spaced from 0
@@ -31,10 +31,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dsp import interfaces as I
 from dsp.errors import DspError
-from dsp.tasks.augment import augment_batch, augment_settings
+from dsp.data.augment import augment_batch, augment_settings
 from dsp.tasks.oracles import soft_iou
-from dsp.training.predict import eval_mode
+from dsp.inference.gradient import GradientInference
+from dsp.nn.modes import eval_mode
 
 THRESHOLD = 0.5
 
@@ -119,10 +121,10 @@ def joint_inference(model, inference, feats, corners: torch.Tensor, crop: int, s
     ȳ [B, H, W] with the routine's own steps, where feats hold the B·K crops' features. Each pixel
     moves by the mean (not the sum) of its crops' gradients, so the step size tuned for single
     crops carries over and the border pixels, in few crops, move as fast as the centre."""
-    if not hasattr(inference, "minimise"):
+    if not isinstance(inference, GradientInference):
         raise DspError(f"data.combine=joint needs gradient-based inference over the mask (e.g. "
                        f"inference=dvn_seg_ascent), not {type(inference).__name__}; use data.combine=average")
-    routine = getattr(inference, "predictor", None) or inference  # the prediction-time settings
+    routine = inference.predictor or inference  # the prediction-time settings
     _, count = coverage(corners, crop, size)
     k = corners.shape[0]
     scale = count.clamp_min(1).view(*size)  # [H, W]
@@ -138,8 +140,10 @@ def joint_inference(model, inference, feats, corners: torch.Tensor, crop: int, s
     return res.y.view(batch, *size), res.iterations
 
 
-class SegmentationTask:
+class SegmentationTask(I.Task):
+    output = I.MASK
     main_metric = "mean_iou"
+    takes_rows = True  # batch(index=): the rows' larger copies, for warping
 
     def __init__(self, crop: int | None = None, flip: bool = False, test_crops: int | None = None,
                  combine: str = "average", augment: dict | None = None, warp_source=None):
@@ -178,7 +182,7 @@ class SegmentationTask:
         the test-crop grid when data.test_crops is set (module docstring)."""
         if self.test_crops is None:
             return self._predict_whole(model, inference, x, batch_size, mode)
-        if self.combine == "joint" and mode == "local":
+        if self.combine == "joint" and self.predicts_locally(model, mode):
             raise DspError("data.combine=joint optimises one mask through all crops, but this stage predicts "
                            "locally (predict: local, e.g. the FCN): use data.combine=average")
         size, k, c = tuple(x.shape[-2:]), self.test_crops, self.crop
@@ -207,8 +211,8 @@ class SegmentationTask:
             for start in range(0, x.shape[0], batch_size):
                 with torch.no_grad():
                     feats = model.features(x[start : start + batch_size])
-                    if mode == "local":
-                        probs, n = torch.sigmoid(feats.unary), 0  # [B, H, W]
+                    if self.predicts_locally(model, mode):
+                        probs, n = model.local_probs(feats), 0  # [B, H, W]
                     else:
                         result = inference(model, feats)
                         probs, n = result.y, result.iterations

@@ -31,7 +31,7 @@ STEPS = (1, 2, 5, 10, 20, 50, 100, 200)  # trajectory columns, up to the routine
 
 def has_inference_figures(model, inference) -> bool:
     """Only models predicted by gradient inference over the mask have a trajectory to show."""
-    return getattr(model, "is_structured", False) and isinstance(inference, GradientInference)
+    return model.is_structured and isinstance(inference, GradientInference)
 
 
 def _tile(img: torch.Tensor) -> np.ndarray:

@@ -6,7 +6,7 @@ letters or words it has), never predicted. Prediction is whatever the inference 
 (the unary-only stage of stage training).
 
 Training batches of image sequences (OCR) are augmented when data.augment is set: every valid
-letter gets its own random warp (dsp.tasks.augment.augment_letters); predict() never augments.
+letter gets its own random warp (dsp.data.augment.augment_letters); predict() never augments.
 """
 from __future__ import annotations
 
@@ -14,20 +14,33 @@ import numpy as np
 import torch
 
 from dsp import metrics as M
+from dsp import interfaces as I
 from dsp.errors import DspError
-from dsp.tasks.augment import augment_letters, augment_settings
-from dsp.training.predict import eval_mode
+from dsp.data.augment import augment_letters, augment_settings
+from dsp.nn.modes import eval_mode
 
 
 def lengths_of(y: torch.Tensor) -> torch.Tensor:
     return (y >= 0).sum(-1)  # [N]
 
 
+def decode_labels(out: torch.Tensor, logits: bool = False) -> torch.Tensor:
+    """Class ids [B, T] from a prediction: decoded labels as they are, relaxed outputs or class
+    scores [B, T, K] by their argmax, binary outputs [B, T] (probabilities or log-odds) by a cut."""
+    if not out.is_floating_point():
+        return out
+    if out.dim() == 3:
+        return out.argmax(-1)
+    return (out > (0.0 if logits else 0.5)).long()
+
+
 def is_chunking(label_names) -> bool:
     return any(str(n).startswith(("B-", "I-")) for n in label_names)
 
 
-class SequenceTask:
+class SequenceTask(I.Task):
+    output = I.SEQUENCE
+
     def __init__(self, label_names, augment: dict | None = None):
         self.label_names = [str(n) for n in label_names]
         self.augment = augment_settings(augment)
@@ -35,7 +48,7 @@ class SequenceTask:
         self.chunking = is_chunking(self.label_names)
         self.main_metric = "chunk_f1" if self.chunking else "char_acc"
 
-    def batch(self, x, y):
+    def batch(self, x, y, index=None):
         """Training: the batch cut to its longest sequence, its letters augmented (data.augment)."""
         x, y = self.cut(x, y)
         if self.augmenting:
@@ -62,11 +75,11 @@ class SequenceTask:
                 lengths = lengths_of(yb)
                 with torch.no_grad():
                     feats = model.features(xb, lengths)
-                    if mode == "local":
-                        labels, n = feats.unary.argmax(-1), 0  # [B, T]
+                    if self.predicts_locally(model, mode):
+                        labels, n = decode_labels(model.local_logits(feats), logits=True), 0  # [B, T]
                     else:
-                        result = inference(model, feats, lengths)
-                        labels, n = result.y, result.iterations
+                        result = inference(model, feats)
+                        labels, n = decode_labels(result.y), result.iterations
                 outs.append(torch.where(yb >= 0, labels, torch.full_like(labels, -1)))
                 iters.append(n)
         t = y.shape[1]  # batches were cut to their own longest sequence: pad back with -1

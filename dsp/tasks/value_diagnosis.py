@@ -18,7 +18,7 @@ import torch
 
 from dsp.tasks.oracles import soft_iou
 from dsp.tasks.segmentation import decode
-from dsp.training.predict import eval_mode
+from dsp.nn.modes import eval_mode
 
 
 @torch.no_grad()

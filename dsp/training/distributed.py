@@ -13,7 +13,8 @@ one flattened bucket before clipping and the optimiser step. Each rank's loss is
 (its slice size / global batch size), so for a loss that is a mean over the batch the summed
 gradient is the gradient of the global batch's mean, also for the last, uneven batch: training
 matches single-process training with the same global batch size up to floating-point summation
-order. The bucket also carries the weighted loss (the global loss, logged and checked for
+order. (One process takes the same step path with Single, whose reduce_step is the identity; a
+slice that is the whole batch is not weighted at all, so nothing changes there by even one ulp.) The bucket also carries the weighted loss (the global loss, logged and checked for
 divergence on every rank alike), per-parameter "has a gradient" flags (a parameter without a
 gradient on every rank stays None, as in one process) and the SIGTERM flag (all ranks stop at the
 same step). Rank 0's parameters and buffers are broadcast at start and whenever rank 0 reloads
@@ -42,7 +43,8 @@ from dsp.errors import DspError
 
 
 class Single:
-    """strategy=single: one process; every collective is the identity."""
+    """strategy=single: one process; every collective is the identity, so the trainer takes the
+    same step path with or without ranks (its slice is the whole batch, weighted by nothing)."""
 
     enabled, rank, world_size = False, 0, 1
 
@@ -66,6 +68,18 @@ class Single:
         return [obj]
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
+        pass
+
+    def reduce_step(self, params: list, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+        """The gradients are the batch's already: (the loss, stop) as they are."""
+        return loss.item(), bool(stop)
+
+    def stop_now(self, agreed: bool, requested: bool) -> bool:
+        """Whether to stop after this step: one process follows its own SIGTERM flag as it is now
+        (`agreed`, the flag reduce_step saw, is older)."""
+        return bool(requested)
+
+    def sync_store(self, store, index: torch.Tensor, lo: int, hi: int) -> None:
         pass
 
     def close(self) -> None:
@@ -150,6 +164,19 @@ class Distributed(Single):
             p.grad = bucket[offset: offset + n].view_as(p).to(p.device, p.dtype).clone() if flags[i] > 0 else None
             offset += n
         return float(flags[-2]), bool(flags[-1] > 0)
+
+    def stop_now(self, agreed: bool, requested: bool) -> bool:
+        """Every rank follows the flag agreed on in reduce_step, never its own alone: a SIGTERM that
+        reached a rank after the reduce is agreed on at the next step."""
+        return bool(agreed)
+
+    def sync_store(self, store, index: torch.Tensor, lo: int, hi: int) -> None:
+        """Per-example state of the objective (the MRF's MessageStore, or None): grown as one process
+        grows it, then the global batch's rows synced (sync_rows)."""
+        if store is None or store.groups is None:
+            return
+        store.reserve(int(index.max()) + 1)
+        self.sync_rows(store.groups, index, lo, hi)
 
     def sync_rows(self, groups: list, index: torch.Tensor, lo: int, hi: int) -> None:
         """Per-example state: rows `index` (the global batch) of every tensor in `groups` become,

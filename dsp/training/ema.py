@@ -8,6 +8,11 @@ init_from see the average.
 What is averaged: the parameters and the batch-norm running statistics. Every other buffer (a
 CRF's unary scale α set by online scaling, counters) is copied from the live model, since averaging
 a value that is chosen, not learned, would blur the choice.
+
+As a trainer hook (dsp.training.hooks): every stage averages its own updates (the average restarts
+from the stage's incoming weights, and again whenever best.pt is reloaded); checkpoints carry the
+average as "model" (Trainer.predictor), the live weights as "train_model" and the average's age as
+"ema_updates", so a resumed run continues both exactly.
 """
 from __future__ import annotations
 
@@ -16,11 +21,12 @@ import copy
 import torch
 
 from dsp.errors import DspError
+from dsp.training.hooks import Hook
 
 _BN_STATS = ("running_mean", "running_var")
 
 
-class WeightAverage:
+class WeightAverage(Hook):
     """w̄ ← d·w̄ + (1 − d)·w after every optimiser step, with d = min(decay, (1 + n)/(10 + n)) after n
     updates since the last reset, so that the first epochs are not dominated by the initial weights."""
 
@@ -51,3 +57,21 @@ class WeightAverage:
             else:
                 avg.copy_(live[name])
         self.updates += 1
+
+    # ------------------------------------------------------------------------- trainer hook
+    def on_stage_start(self, trainer, stage, resume) -> None:
+        if resume is None:  # each stage averages its own updates
+            self.reset(trainer.model)
+        else:  # a checkpoint without an average starts one from its weights
+            self.module.load_state_dict(resume["model"])
+            self.updates = resume.get("ema_updates", 0)
+
+    def on_step_end(self, trainer, stage) -> None:
+        self.update(trainer.model)
+
+    def on_weights_loaded(self, trainer) -> None:
+        self.reset(trainer.model)  # the next stage averages from these weights
+
+    def checkpoint(self, trainer) -> dict:
+        # ("model" is the average: Trainer.predictor) the live weights and the average's age, for resuming
+        return {"train_model": trainer.model.state_dict(), "ema_updates": self.updates}

@@ -1,15 +1,20 @@
 """Online scaling (Shevchenko & Osokin 2019, Algorithm 1): after every epoch, pick the unary scale
 α on the grid {2^t} that minimises the training objective on a fixed subset of the training set.
 
-The unary network runs once per example; each α only re-scores the cached potentials.
+For the CRFs' objectives (rescores_potentials) the unary network runs once per example and each α
+only re-scores the cached potentials; any other model with a scalable local term (a SPEN's local
+energy) is scored by its objective's own loss at each α, inference included.
+OnlineScaling is the trainer hook (dsp.training.hooks) that does it after every epoch.
 """
 from __future__ import annotations
 
 import torch
 
+from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.tasks.sequence import lengths_of
-from dsp.training.predict import eval_mode
+from dsp.nn.modes import eval_mode
+from dsp.training.hooks import Hook
 
 
 SETTINGS = {"min_exp", "max_exp", "subset", "batch_size", "split"}
@@ -38,29 +43,54 @@ def scaling_settings(online_scaling) -> tuple[str, dict]:
 
 
 def subset_losses(model, objective, x, y, grid: list[float], subset: int = 2000, seed: int = 0,
-                  batch_size: int = 512) -> torch.Tensor:
+                  batch_size: int = 512, inference=None) -> torch.Tensor:
     """L_α (Eq. 19) for every α of `grid` on a fixed random subset of (x, y) -> float64 [len(grid)]."""
-    if not hasattr(model, "potentials") or not hasattr(objective, "loss_on"):
-        raise DspError("trainer.online_scaling needs a model with unary potentials (model=chain_crf) "
-                       "and a CRF objective; set trainer.online_scaling=null for this model")
+    if I.SCALABLE_LOCAL not in model.provides:
+        raise DspError(f"trainer.online_scaling needs a model with a scalable local term; {type(model).__name__} "
+                       "has none: set trainer.online_scaling=null for this model")
     gen = torch.Generator().manual_seed(seed)  # the same subset every epoch
     idx = torch.randperm(x.shape[0], generator=gen)[: min(subset, x.shape[0])].to(x.device)
     totals = torch.zeros(len(grid), dtype=torch.float64, device=x.device)  # summed on the device: no syncs
+    kept = model.unary_scale.clone()
     with eval_mode(model), torch.no_grad():
         for start in range(0, idx.shape[0], batch_size):
             xb, yb = x[idx[start : start + batch_size]], y[idx[start : start + batch_size]]
-            lengths = lengths_of(yb)
-            raw = model.unary_net(xb, lengths)  # [B, T, K], computed once for the whole grid
-            for i, alpha in enumerate(grid):
-                totals[i] += objective.loss_on(model.potentials(raw, lengths, scale=alpha), yb).double() * xb.shape[0]
+            lengths = lengths_of(yb) if not yb.is_floating_point() else None
+            if objective.rescores_potentials:  # the unary network once for the whole grid
+                raw = model.unary_net(xb, lengths)  # [B, T, K]
+                for i, alpha in enumerate(grid):
+                    totals[i] += objective.loss_on(model.potentials(raw, lengths, scale=alpha), yb).double() * xb.shape[0]
+            else:  # the objective itself at each α (inference included)
+                for i, alpha in enumerate(grid):
+                    model.unary_scale.fill_(alpha)
+                    totals[i] += objective.loss(model, inference, xb, yb)[0].double() * xb.shape[0]
+    model.unary_scale.copy_(kept)
     return totals / idx.shape[0]
 
 
 def choose_unary_scale(model, objective, x, y, min_exp: int = MIN_EXP, max_exp: int = MAX_EXP, subset: int = 2000,
-                       seed: int = 0, batch_size: int = 512) -> dict[str, float]:
+                       seed: int = 0, batch_size: int = 512, inference=None) -> dict[str, float]:
     """Set model.unary_scale to the best α of the grid {2^t}; returns the logs (α and its loss)."""
     grid = [2.0 ** t for t in range(min_exp, max_exp + 1)]
-    losses = subset_losses(model, objective, x, y, grid, subset, seed, batch_size)
+    losses = subset_losses(model, objective, x, y, grid, subset, seed, batch_size, inference)
     best = int(losses.argmin())
     model.unary_scale.fill_(grid[best])
     return {"scaling/alpha": grid[best], "scaling/subset_loss": float(losses[best])}
+
+
+class OnlineScaling(Hook):
+    """trainer.online_scaling: after every epoch, before its validation, α is chosen for the weights
+    that predict (Trainer.predictor: the moving average under trainer.ema_decay) and the live model
+    trains with it too. Under trainer.strategy=ddp rank 0's choice is broadcast."""
+
+    def __init__(self, online_scaling):
+        self.split, self.settings = scaling_settings(online_scaling)  # checked now, not after the first epoch
+
+    def on_epoch_end(self, trainer, stage, writer) -> None:
+        logs = choose_unary_scale(trainer.predictor, stage.objective, *trainer.splits[self.split], seed=trainer.seed,
+                                  inference=trainer.inference, **self.settings)
+        for k, v in logs.items():
+            writer.add_scalar(k, v, trainer.global_epoch)
+        if trainer.predictor is not trainer.model:
+            trainer.model.unary_scale.copy_(trainer.predictor.unary_scale)
+        trainer.dist.broadcast_module(trainer.model)  # ddp: rank 0's choice of α everywhere

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from dsp.build import instantiate
+from dsp.instantiate import instantiate
 from dsp.errors import DspError
 
 STAGE_KEYS = {
@@ -28,7 +28,7 @@ def check_predict_mode(model: torch.nn.Module, mode: str, key: str) -> None:
     without a local term of its own (the segmentation value network: σ(0) = 0.5 everywhere)."""
     if mode not in PREDICT_MODES:
         raise DspError(f"{key}={mode!r}: choose {' or '.join(PREDICT_MODES)}")
-    if mode == "local" and not getattr(model, "has_local_term", True):
+    if mode == "local" and not model.has_local_term:
         raise DspError(f"{key}=local: {type(model).__name__} has no local term of its own (it only scores x "
                        "together with y); predict with inference")
 
@@ -50,12 +50,33 @@ class Stage:
     lr_patience: int
     lr_schedule: str = "plateau"
 
-    def parameters(self, model: torch.nn.Module):
-        """Freeze everything the stage does not train; return the trained parameters."""
-        names = [n for n, _ in model.named_children()] if self.train == "all" else list(self.train)
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Freeze everything the stage does not train; return the trained parameters.
+
+        train: all trains every parameter of the model (model.parameters(), so also one registered
+        directly on the model itself, e.g. a user's `self.temperature = nn.Parameter(...)`); a list
+        names parts (model_parts: child modules or parameters registered directly on the model)."""
+        if self.train == "all":
+            model.requires_grad_(True)
+            return list(model.parameters())
+        names = set(self.train)
         for n, child in model.named_children():
             child.requires_grad_(n in names)
-        return [p for n in names for p in getattr(model, n).parameters()]
+        for n, p in model.named_parameters(recurse=False):
+            p.requires_grad_(n in names)
+        out, seen = [], set()
+        for n in self.train:  # the stage's order (a parameter shared by two parts only once)
+            for p in part_parameters(model, n):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def frozen_children(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The child modules the stage clamps (they run in eval mode: no dropout, fixed statistics)."""
+        if self.train == "all":
+            return []
+        return [child for n, child in model.named_children() if n not in self.train]
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer, min_delta: float = 0.0):
         """plateau: ×lr_factor after lr_patience epochs without validation progress (step(metric));
@@ -97,12 +118,26 @@ class Stage:
         raise DspError(f"stage {self.name!r}: optimizer={self.optimizer!r}, choose sgd, adam or adamw")
 
 
+def model_parts(model: torch.nn.Module) -> list[str]:
+    """The names a stage's `train` may list: the model's child modules and the parameters
+    registered directly on the model itself."""
+    return [n for n, _ in model.named_children()] + [n for n, _ in model.named_parameters(recurse=False)]
+
+
+def part_parameters(model: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """The parameters of part `name` of model_parts(model)."""
+    direct = dict(model.named_parameters(recurse=False))
+    if name in direct:
+        return [direct[name]]
+    return list(getattr(model, name).parameters())
+
+
 def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module) -> list[Stage]:
     # A stage set to null is switched off (e.g. trainer.stages.local=null).
     stages_cfg = {k: v for k, v in (trainer_cfg.stages or {}).items() if v is not None}
     if not stages_cfg:
         raise DspError("trainer.stages is empty: give at least one stage")
-    children = {n for n, m in model.named_children() if m is not None}
+    parts = set(model_parts(model))
     out = []
     for name, spec in stages_cfg.items():
         unknown = set(spec) - STAGE_KEYS
@@ -114,11 +149,11 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
         train = spec.get("train") or "all"
         train = train if train == "all" else [str(t) for t in train]
         if train != "all":
-            missing = [t for t in train if t not in children]
+            missing = [t for t in train if t not in parts]
             if missing:
                 raise DspError(
                     f"trainer.stages.{name}.train names {missing}, which the model does not have; "
-                    f"the model's parts are {sorted(children)}"
+                    f"the model's parts (child modules and parameters of its own) are {sorted(parts)}"
                 )
         predict = spec.get("predict") or "inference"
         check_predict_mode(model, predict, f"trainer.stages.{name}.predict")

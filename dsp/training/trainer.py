@@ -13,40 +13,36 @@ best.pt holds the best validation epoch of the current stage, where the model th
 from (epoch 0) counts too; each stage ends by restoring it (early stopping), so after the last stage
 best.pt is the model that is evaluated.
 trainer.strategy=ddp (torchrun, dsp.training.distributed): each rank trains on its slice of every
-batch and gradients are all-reduced explicitly; only rank 0 writes the run folder and prints.
+batch and gradients are all-reduced explicitly; only rank 0 writes the run folder and prints. One
+process takes the same step path (Single: every collective is the identity).
+Early stopping, the weight average (trainer.ema_decay) and online scaling (trainer.online_scaling)
+are hooks (dsp.training.hooks) called at fixed points of the loop.
 """
 from __future__ import annotations
 
-import inspect
 import math
-import random
 import time
 from contextlib import closing
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dsp.errors import DspError
+from dsp.seed import set_seed
 from dsp.tasks import takes_rows, task_for
 from dsp.training.checkpoint import (load_checkpoint, load_latest, refuse_used_run_dir, rng_state, save_checkpoint,
                                      set_rng_state, write_json)
 from dsp.training.config_checks import check_trainer
 from dsp.training.distributed import Single
 from dsp.training.ema import WeightAverage
+from dsp.training.hooks import EarlyStopping, Hook, Verdict
 from dsp.training.preemption import Preempted, StopRequest, after_step
 from dsp.training.provenance import append_environment
-from dsp.training.scaling import choose_unary_scale, scaling_settings
+from dsp.training.scaling import OnlineScaling
 from dsp.training.stages import Stage
 from dsp.training.warm_start import warm_start
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,13 +54,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _keeps_state(objective) -> bool:
-    return callable(getattr(objective, "state_dict", None)) and getattr(objective, "checkpoint_state", True)
+    return objective.checkpoint_state
 
 
 def _per_rank(objective) -> bool:
     """State that differs between ranks under trainer.strategy=ddp (a replay ring of the tuples this
     rank generated), as opposed to state kept equal on every rank (the MRF's message store)."""
-    return _keeps_state(objective) and getattr(objective, "per_rank_state", False)
+    return objective.checkpoint_state and objective.per_rank_state
 
 
 def _to_cpu(tree):
@@ -95,18 +91,17 @@ class _NoWriter:
 
 class Trainer:
     def __init__(self, cfg, model, inference, stages: list[Stage], data, run_dir, device, config_dict, seed,
-                 dist=None):
+                 dist=None, task=None):
         self.cfg, self.model, self.inference, self.stages = cfg, model.to(device), inference, stages
         # trainer.strategy=ddp (dsp.training.distributed): this rank's part; Single() otherwise
         self.dist = dist if dist is not None else Single()
         self.main = self.dist.is_main
-        if self.dist.enabled:
-            self.dist.broadcast_module(self.model)
-            if not self.main:  # rank r > 0 draws its own dropout masks
-                set_seed(seed + 1_000_003 * self.dist.rank)
+        self.dist.broadcast_module(self.model)
+        if not self.main:  # ddp: rank r > 0 draws its own dropout masks
+            set_seed(seed + 1_000_003 * self.dist.rank)
         self.data, self.run_dir, self.device = data, Path(run_dir), device
         self.config_dict, self.seed = config_dict, seed
-        self.task = task_for(data)
+        self.task = task if task is not None else task_for(data)
         # trainer.monitor=auto: the task's headline metric (example_f1, char_acc, chunk_f1)
         self.monitor = self.task.main_metric if cfg.monitor in (None, "auto") else cfg.monitor
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -117,10 +112,17 @@ class Trainer:
         self._last_val = None  # (out, y, x) of the latest validation, for tasks with figures
         self._probe_batch = None  # the probe's fixed examples, drawn on first use
         self._stop = StopRequest()  # entered by fit(): SIGTERM asks for a stop at the next safe point
+        self.target_reached_s = None  # trainer.stop_at: wall time at which validation reached it
+        # min_delta: the smallest change of the monitored metric that counts as progress, for the
+        # schedule and for early stopping alike (the scaling paper's Appendix B uses 0.1 points).
+        self.min_delta = float(cfg.get("min_delta") or 0.0)
         # trainer.ema_decay: validation and checkpoints use a moving average of the weights
         self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.get("ema_decay") is not None else None
-        # trainer.online_scaling: checked now rather than after the first epoch
-        self.scaling = scaling_settings(cfg.online_scaling) if cfg.get("online_scaling") else None
+        # the hooks, in calling order (trainer.online_scaling is checked now rather than after the first epoch)
+        self.early_stopping = EarlyStopping(self.min_delta, cfg.get("stop_at"))  # (and trainer.stop_at)
+        self.hooks: list[Hook] = [self.early_stopping,
+                                  *([self.ema] if self.ema is not None else []),
+                                  *([OnlineScaling(cfg.online_scaling)] if cfg.get("online_scaling") else [])]
 
     @property
     def predictor(self) -> torch.nn.Module:
@@ -128,10 +130,22 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _load_weights(self, weights: dict) -> None:
-        """Make `weights` (a best.pt's) the live model and restart the average from them."""
+        """Make `weights` (a best.pt's) the live model (and restart the average from them)."""
         self.model.load_state_dict(weights)
-        if self.ema is not None:
-            self.ema.reset(self.model)
+        self._call("on_weights_loaded")
+
+    def _call(self, event: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
+
+    def _should_stop(self, stage: Stage) -> bool:
+        return any(hook.should_stop(self, stage) for hook in self.hooks)
+
+    def _on_validation(self, stage: Stage, epoch: int, current: float) -> Verdict:
+        """The hooks' verdicts on a validation, together: best if any says so, the first reason to stop."""
+        verdicts = [hook.on_validation(self, stage, epoch, current) for hook in self.hooks]
+        verdicts = [v for v in verdicts if v is not None]
+        return Verdict(best=any(v.best for v in verdicts), stop=next((v.stop for v in verdicts if v.stop), None))
 
     # ----------------------------------------------------------------------------------- eval
     def predict(self, split: str, mode: str):
@@ -143,8 +157,7 @@ class Trainer:
 
     def validate(self, mode: str):
         out, y, iters = self.predict("val", mode)
-        if hasattr(self.task, "figures"):  # kept for _log_epoch's TensorBoard images
-            self._last_val = (out, y, self.splits["val"][0])
+        self._last_val = (out, y, self.splits["val"][0])  # for the task's TensorBoard figures
         threshold = self.task.calibrate(out, y, self.cfg.threshold)
         metrics = self.task.evaluate(out, y, threshold)
         if self.monitor not in metrics:
@@ -153,12 +166,14 @@ class Trainer:
         return metrics, threshold, iters
 
     # ---------------------------------------------------------------------------- checkpoints
-    def _state(self, stage_index, epoch, best, bad_epochs, threshold, optimizer, scheduler, offset=0):
+    def _state(self, stage_index, epoch, threshold, optimizer, scheduler, offset=0):
         """Plain values and tensors only: checkpoints load with torch.load(weights_only=True)."""
+        hooks = {}  # the hooks' own entries: early stopping's best_metric and bad_epochs; trainer.ema_decay's
+        for hook in self.hooks:  # live weights (train_model) and the average's age (ema_updates)
+            hooks.update(hook.checkpoint(self))
         return {
             "model": self.predictor.state_dict(),  # what predicts (dsp-eval, init_from read this)
-            # trainer.ema_decay: the live weights and the average's age, for resuming
-            **({"train_model": self.model.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}),
+            **hooks,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "stage_index": stage_index,
@@ -168,13 +183,11 @@ class Trainer:
             "epoch_offset": offset,  # examples of epoch + 1 already trained on (a SIGTERM checkpoint)
             "global_epoch": self.global_epoch,
             "step": self.step,
-            "best_metric": best,
-            "bad_epochs": bad_epochs,
             "threshold": threshold,
             "config": self.config_dict,
             "seed": self.seed,
             # wall clock so far and trainer.stop_at's time to target: a resumed run keeps counting
-            "elapsed_s": round(time.time() - self.fit_start, 3),
+            "elapsed_s": self.elapsed_s(),
             "target_reached_s": self.target_reached_s,
             "rng": rng_state(),
             # objectives with state of their own (the MRF's per-example messages; rank 0's under ddp)
@@ -222,11 +235,8 @@ class Trainer:
         if state["stage_index"] >= len(self.stages) or state["stage"] != self.stages[state["stage_index"]].name:
             raise DspError(f"{last} was written by stage {state['stage']!r}, which this config's "
                            f"trainer.stages does not have at that position; resume with the run's own config")
-        try:
+        try:  # (trainer.ema_decay: the live weights; the hooks read their own entries at the stage's start)
             self.model.load_state_dict(state.get("train_model", state["model"]))
-            if self.ema is not None:  # a checkpoint without an average starts one from its weights
-                self.ema.module.load_state_dict(state["model"])
-                self.ema.updates = state.get("ema_updates", 0)
         except RuntimeError as err:
             raise DspError(f"{last} does not fit the model of this config ({err}); resume with the run's own config") from None
         self.step, self.global_epoch = state["step"], state["global_epoch"]
@@ -239,11 +249,11 @@ class Trainer:
                        and len(others) == self.dist.world_size - 1 else state["objectives"][s.name])
                 s.objective.load_state_dict(own)
         offset = state.get("epoch_offset", 0)  # absent from checkpoints older than SIGTERM handling
-        self._write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}"
-                   + (f", example {offset}" if offset else ""))
+        self.write(f"resuming {self.run_dir} at stage {state['stage']!r}, epoch {state['epoch'] + 1}"
+                  + (f", example {offset}" if offset else ""))
         return state
 
-    def _write(self, message: str) -> None:
+    def write(self, message: str) -> None:
         if self.main:
             tqdm.write(message)
 
@@ -263,11 +273,11 @@ class Trainer:
         writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else _NoWriter()
         if resume is None and self.cfg.get("init_from"):  # warm start: weights only (dsp.training.warm_start)
             path, n = warm_start(self.model, self.cfg.init_from, self.cfg.get("init_parts", "all"))
-            self._write(f"warm start: {n} weight tensors from {path}")
+            self.write(f"warm start: {n} weight tensors from {path}")
         first_stage = resume["stage_index"] if resume else 0
         with self._stop, closing(writer):
             if self.target_reached_s is not None:  # resuming a run that already reached stop_at
-                self._load_best()
+                self.load_best()
             for i in range(first_stage, len(self.stages)):
                 if self.target_reached_s is not None:
                     break  # trainer.stop_at: good enough, skip the remaining stages
@@ -282,7 +292,7 @@ class Trainer:
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
                 metrics, predict_mode = self.final_metrics()
                 self._log_inference_figures(writer, predict_mode)
-                metrics["train/time_s"] = round(time.time() - self.fit_start, 3)
+                metrics["train/time_s"] = self.elapsed_s()
                 if self.cfg.get("stop_at") is not None:  # time to accuracy (validation reached stop_at)
                     metrics["train/time_to_target_s"] = self.target_reached_s
                 metrics["train/epochs"] = self.global_epoch
@@ -295,52 +305,46 @@ class Trainer:
         return metrics
 
     def _fit_stage(self, index: int, writer: SummaryWriter, resume: dict | None) -> None:
+        """The loop of one stage: epochs of optimiser steps, each followed by a validation and the
+        checkpoints; early stopping, the weight average and online scaling are hooks (self.hooks)."""
         stage = self.stages[index]
         params = stage.parameters(self.model)
         optimizer = stage.make_optimizer(params)
-        # min_delta: the smallest change of the monitored metric that counts as progress, for the
-        # schedule and for early stopping alike (the scaling paper's Appendix B uses 0.1 points).
-        min_delta = float(self.cfg.get("min_delta") or 0.0)
-        scheduler = stage.make_scheduler(optimizer, min_delta)
-        best, bad_epochs, first_epoch, offset = -math.inf, 0, 1, 0
+        scheduler = stage.make_scheduler(optimizer, self.min_delta)
+        first_epoch, offset = 1, 0
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
             stage.load_scheduler(scheduler, resume["scheduler"])
-            best, bad_epochs, threshold = resume["best_metric"], resume["bad_epochs"], resume["threshold"]
-            first_epoch, offset = resume["epoch"] + 1, resume.get("epoch_offset", 0)
-        else:
-            if self.ema is not None:  # each stage averages its own updates
-                self.ema.reset(self.model)
-            # The incoming model (epoch 0) is the stage's baseline: a stage that does not improve
-            # on the previous one's result leaves it in best.pt.
+            threshold, first_epoch, offset = resume["threshold"], resume["epoch"] + 1, resume.get("epoch_offset", 0)
+        self._call("on_stage_start", stage, resume)
+        if resume is None:
+            # The incoming model (epoch 0) is the stage's baseline (for best.pt).
             metrics, threshold, _ = self.validate(stage.predict)
-            best = metrics[self.monitor]
-            state = self._state(index, 0, best, 0, threshold, optimizer, scheduler)
+            self._on_validation(stage, 0, metrics[self.monitor])
+            state = self._state(index, 0, threshold, optimizer, scheduler)
             self._save(state, "best.pt")
             # last.pt follows into the new stage, so a resume never re-enters a finished stage
             # (whose end reloads best.pt, by now this stage's file).
             self._save_last(state)
         x, y = self.splits["train"]
-        monitor, epoch = self.monitor, first_epoch - 1
         progress = self.cfg.progress and self.main
         epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
                       disable=not progress, leave=False, dynamic_ncols=True)
-        ran = 0
         if stage.batch_size < self.dist.world_size:
             raise DspError(f"stage {stage.name!r}: batch_size={stage.batch_size} is smaller than the "
                            f"{self.dist.world_size} ranks of trainer.strategy=ddp; the batch size is the global batch")
         # Objectives that keep state per training example (blended MRF learning) get the ids.
-        by_id = "index" in inspect.signature(stage.objective.loss).parameters
+        by_id = stage.objective.per_example_state
         task_by_id = takes_rows(self.task)
         # trainer.strategy=ddp: per-example state (the MRF's MessageStore) is kept equal on all ranks
-        store = getattr(stage.objective, "store", None) if by_id and getattr(stage.objective, "persistent", False) else None
+        store = stage.objective.shared_rows() if by_id else None
         for epoch in epochs:
             # (a resumed half epoch is finished first: the uninterrupted run did not stop there)
-            if not offset and (bad_epochs >= stage.patience or self._out_of_budget()):
+            if not offset and (self._should_stop(stage) or self._out_of_budget()):
                 break
-            ran += 1
             self.model.train()
-            self._freeze_modes(stage)
+            for child in stage.frozen_children(self.model):  # clamped parts: fixed feature extractors
+                child.eval()
             # One shuffle per (seed, stage, epoch): a resumed run sees the same batches.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1009 + epoch)
             perm = torch.randperm(x.shape[0], generator=gen).to(self.device)
@@ -362,30 +366,22 @@ class Trainer:
                 else:  # (pinned on CUDA by the reader thread, so the copy is asynchronous)
                     xb, yb = (t[lo:hi].to(self.device, non_blocking=True) for t in next(stream))
                 optimizer.zero_grad(set_to_none=True)
-                logs, stop = {}, self._stop.requested  # ddp: the flag all ranks agree on, below
-                if not self.dist.enabled:
+                logs, loss = {}, torch.zeros((), device=self.device)
+                stop = self._stop.requested  # (ddp: agreed on by all ranks in reduce_step)
+                if hi > lo:  # (ddp: a rank may get no example of a short last batch)
                     batch = self.task.batch(xb, yb, **rows)
                     loss, logs = stage.objective.loss(self.model, self.inference, *batch, **extra)
-                    value = loss.item()
-                    self._check_finite(value, stage, epoch)
+                    if hi - lo < len(idx):  # ddp: weighted by slice size, the summed gradients are the
+                        loss = loss * ((hi - lo) / len(idx))  # global batch's (one process: not even × 1.0)
                     loss.backward()
-                else:
-                    loss = torch.zeros((), device=self.device)
-                    if hi > lo:  # weighted by slice size: the summed gradients are the global batch's
-                        batch = self.task.batch(xb, yb, **rows)
-                        loss, logs = stage.objective.loss(self.model, self.inference, *batch, **extra)
-                        loss = loss * ((hi - lo) / len(idx))
-                        loss.backward()
-                    value, stop = self.dist.reduce_step(params, loss, stop)
-                    self._check_finite(value, stage, epoch)
-                    if store is not None and store.groups is not None:  # (grown as one process grows it)
-                        store.reserve(int(idx.max()) + 1)
-                        self.dist.sync_rows(store.groups, idx, lo, hi)
+                # ddp: gradients summed over ranks, the global loss and whether any rank was asked to stop
+                value, stop = self.dist.reduce_step(params, loss, stop)
+                self._check_finite(value, stage, epoch)
+                self.dist.sync_store(store, idx, lo, hi)
                 if self.cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 optimizer.step()
-                if self.ema is not None:
-                    self.ema.update(self.model)
+                self._call("on_step_end", stage)
                 self.step += 1
                 self.train_seconds += time.perf_counter() - step_start
                 self._probe(stage, writer)
@@ -398,58 +394,39 @@ class Trainer:
                 after_step(self.step)  # the kill / preemption test hook (dsp.training.preemption)
                 if self._out_of_steps():
                     break  # (a SIGTERM now stops after this epoch's validation)
-                if stop if self.dist.enabled else self._stop.requested:  # save this point of the epoch and stop
-                    self._save_last(self._state(index, epoch - 1, best, bad_epochs, threshold, optimizer,
-                                                scheduler, offset=start + len(idx)))
+                if self.dist.stop_now(stop, self._stop.requested):  # save this point of the epoch and stop
+                    self._save_last(self._state(index, epoch - 1, threshold, optimizer, scheduler,
+                                                offset=start + len(idx)))
             self.global_epoch += 1
-            if self.scaling is not None:  # Algorithm 1 of the scaling paper: α after every epoch
-                split, scaling = self.scaling
-                # α for the weights that predict; the live model trains with it too
-                for k, v in choose_unary_scale(self.predictor, stage.objective, *self.splits[split], seed=self.seed,
-                                               **scaling).items():
-                    writer.add_scalar(k, v, self.global_epoch)
-                if self.ema is not None:
-                    self.model.unary_scale.copy_(self.predictor.unary_scale)
-                self.dist.broadcast_module(self.model)  # ddp: rank 0's choice of α everywhere
+            self._call("on_epoch_end", stage, writer)
             metrics, threshold, iters = self.validate(stage.predict)
             metrics, threshold = self.dist.broadcast_object((metrics, threshold))  # ddp: decide alike
-            current = metrics[monitor]
+            current = metrics[self.monitor]
             stage.step_scheduler(scheduler, current)
-            improved = current > best + min_delta
-            if improved:
-                best, bad_epochs = current, 0
-            else:
-                bad_epochs += 1
+            verdict = self._on_validation(stage, epoch, current)
             if self.main:
                 self._log_epoch(writer, stage, metrics, threshold, iters, optimizer)
-            epochs.set_postfix({monitor: f"{current:.2f}", "best": f"{best:.2f}"})
-            stop_at = self.cfg.get("stop_at")
-            # trainer.stop_at: the first epoch at or above it is the model to keep, even when
-            # min_delta would not count its gain as progress (every earlier epoch was below it)
-            reached = stop_at is not None and current >= float(stop_at)
-            if reached and not improved:
-                best, bad_epochs = current, 0
-            if reached:  # before the checkpoint, so that a resumed run knows it is done
-                self.target_reached_s = round(time.time() - self.fit_start, 3)
-            state = self._state(index, epoch, best, bad_epochs, threshold, optimizer, scheduler)
-            if improved or reached:
+            epochs.set_postfix({self.monitor: f"{current:.2f}", "best": f"{self.early_stopping.best:.2f}"})
+            state = self._state(index, epoch, threshold, optimizer, scheduler)
+            if verdict.best:
                 self._save(state, "best.pt")
             self._save_last(state)
-            if reached:
-                self._write(f"stage {stage.name}: val {monitor} {current:.2f} reached trainer.stop_at={stop_at} "
-                            f"after {self.target_reached_s:.1f} s; stopping")
+            if verdict.stop:
+                self.write(verdict.stop)
                 break
-        self._write(f"stage {stage.name}: best val {monitor} {best:.2f} after {ran} epoch(s)")
-        # Early stopping: continue from (and finish with) the stage's best weights.
-        self._load_best()
+        self._call("on_stage_end", stage)  # early stopping: continue from (and finish with) best.pt
 
-    def _load_best(self) -> None:
+    def load_best(self) -> None:
+        """Make the current best.pt the live model (on every ddp rank) and train all of it."""
         if self.main:
             self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)["model"])
         self.dist.broadcast_module(self.model)  # ddp: rank 0's reloaded weights everywhere
-        if self.ema is not None:  # the next stage averages from these weights
-            self.ema.reset(self.model)
+        self._call("on_weights_loaded")  # trainer.ema_decay: the next stage averages from these weights
         self.model.requires_grad_(True)
+
+    def elapsed_s(self) -> float:
+        """The run's wall clock so far (validation included, counted across resumes)."""
+        return round(time.time() - self.fit_start, 3)
 
     def _check_finite(self, value: float, stage: Stage, epoch: int) -> None:
         if not math.isfinite(value):
@@ -463,11 +440,11 @@ class Trainer:
         """data.stream=true (Word50) or trainer.stream=true (any dataset): read this epoch's training
         batches from an HDF5 file in a background thread — the same examples in the same order as
         the in-memory path. Datasets without a file of their own are cached to run_dir/data.h5."""
-        if not (getattr(self.data, "stream", False) or self.cfg.get("stream", False)):
+        if not (self.data.stream or self.cfg.get("stream", False)):
             return None
         from dsp.data.hdf5_stream import PrefetchBatches, cache_to_hdf5
 
-        if getattr(self.data, "source", None):
+        if self.data.source:
             source = self.data.source
         else:
             source = self.run_dir / "data.h5"
@@ -482,8 +459,8 @@ class Trainer:
         converged training NLL) on the first trainer.probe_size training examples, against the
         training time so far (Chen et al. Fig. 9 plots NLL against time)."""
         every = self.cfg.get("probe_every") or 0
-        probe = getattr(stage.objective, "probe", None)
-        if not every or probe is None or self.step % every or not self.main:
+        probe = stage.objective.probe
+        if not every or self.step % every or not self.main:
             return
         if self._probe_batch is None:  # drawn once: task.batch may augment, and the probe compares steps
             x, y = (t[: self.cfg.get("probe_size") or 1000] for t in self.splits["train"])
@@ -494,13 +471,6 @@ class Trainer:
         writer.add_scalar("time/train_s", self.train_seconds, self.step)
         for k, v in values.items():
             writer.add_scalar(f"train/{k}", v, self.step)
-
-    def _freeze_modes(self, stage: Stage) -> None:
-        """Clamped modules run in eval mode (no dropout), as fixed feature extractors."""
-        if stage.train != "all":
-            for n, child in self.model.named_children():
-                if n not in stage.train:
-                    child.eval()
 
     def _out_of_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
@@ -519,8 +489,8 @@ class Trainer:
         spent = self.dist.broadcast_object(time.time() - self.fit_start >= float(limit))
         if spent and not self._time_spent_reported:
             self._time_spent_reported = True
-            self._write(f"trainer.max_time_s={limit} spent after {time.time() - self.fit_start:.1f} s; "
-                        f"stopping and evaluating best.pt")
+            self.write(f"trainer.max_time_s={limit} spent after {time.time() - self.fit_start:.1f} s; "
+                       f"stopping and evaluating best.pt")
         return spent
 
     def _log_epoch(self, writer, stage, metrics, threshold, iters, optimizer) -> None:
@@ -535,27 +505,17 @@ class Trainer:
         if self._last_val is not None:  # e.g. denoising: noisy / prediction / clean
             for name, arr in self.task.figures(*self._last_val).items():
                 writer.add_image(f"val/{name}", arr, e, dataformats="HW")
-        diagnostics = getattr(self.model, "diagnostics", None)
-        if diagnostics is not None:  # e.g. the CRF's unary / pairwise ratio (scaling paper, Fig. 1b)
-            x, y = (t[: self.cfg.eval_batch_size] for t in self.splits["train"])
-            for k, v in diagnostics(x, y).items():
-                writer.add_scalar(k, v, e)
-        images = getattr(self.model, "images", None)
-        if images is not None:  # e.g. the MRF's pairwise tables and unary weights (Chen et al. Fig. 5, 8)
-            for name, img in images().items():
-                writer.add_image(f"model/{name}", img, e, dataformats="HW")
-        global_energy = getattr(self.model, "global_energy", None)
-        if global_energy is not None:
-            c1 = global_energy.measurement_matrix.detach().float().cpu()  # [M, L]
-            img = (c1 - c1.min()) / (c1.max() - c1.min()).clamp_min(1e-12)
-            writer.add_image("global_energy/C1", img.unsqueeze(0), e, dataformats="CHW")
+        # e.g. the CRF's unary / pairwise ratio (scaling paper, Fig. 1b)
+        x, y = (t[: self.cfg.eval_batch_size] for t in self.splits["train"])
+        for k, v in self.model.diagnostics(x, y).items():
+            writer.add_scalar(k, v, e)
+        # e.g. the MRF's pairwise tables (Chen et al. Fig. 5, 8), a SPEN's measurements C1 (SPEN Fig. 1)
+        for name, img in self.model.images().items():
+            writer.add_image(f"model/{name}", img, e, dataformats="HW")
 
     def _log_inference_figures(self, writer, predict_mode) -> None:
         """Once, with best.pt loaded: e.g. the DVN's shape prior and inference trajectory (Figure 5, 1)."""
-        figures = getattr(self.task, "inference_figures", None)
-        if figures is None:
-            return
-        for name, img in figures(self.model, self.inference, self.splits["train"], self.splits["val"],
+        for name, img in self.task.inference_figures(self.model, self.inference, self.splits["train"], self.splits["val"],
                                  self.cfg.eval_batch_size, predict_mode).items():
             writer.add_image(f"figures/{name}", img, self.global_epoch, dataformats="HWC")
 

@@ -17,6 +17,7 @@ import torch
 
 from dsp.errors import DspError
 from dsp.training.checkpoint import load_checkpoint
+from dsp.training.stages import model_parts
 
 
 def _checkpoint_path(source) -> Path:
@@ -40,12 +41,13 @@ def warm_start(model: torch.nn.Module, source, parts="all") -> tuple[Path, int]:
     those parts with the same shapes, else nothing is copied and a DspError says what differs."""
     path = _checkpoint_path(source)
     state = load_checkpoint(path, map_location="cpu")["model"]
-    children = [n for n, _ in model.named_children()]
-    chosen_parts = children if parts in (None, "all") else [str(p) for p in parts]
-    unknown = [p for p in chosen_parts if p not in children]
+    # the parts a stage may train (children, parameters of the model's own) and its own buffers (α)
+    names = model_parts(model) + [n for n, _ in model.named_buffers(recurse=False)]
+    chosen_parts = names if parts in (None, "all") else [str(p) for p in parts]
+    unknown = [p for p in chosen_parts if p not in names]
     if unknown:
         raise DspError(f"trainer.init_parts names {unknown}, which the model does not have; its parts are "
-                       f"{sorted(children)}")
+                       f"{sorted(names)}")
     own = model.state_dict()
     wanted = [k for k in own if k.split(".", 1)[0] in chosen_parts]
     missing = [k for k in wanted if k not in state]

@@ -1,20 +1,9 @@
 """Batched prediction of relaxed outputs for a whole split."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
-
-@contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Run a block with the model in eval mode (no dropout, BN statistics), then restore its mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+from dsp.nn.modes import eval_mode
 
 
 def predict_soft(model, inference, x: torch.Tensor, batch_size: int, mode: str = "inference"):
@@ -28,7 +17,7 @@ def predict_soft(model, inference, x: torch.Tensor, batch_size: int, mode: str =
         for start in range(0, x.shape[0], batch_size):
             with torch.no_grad():
                 feats = model.features(x[start : start + batch_size])
-            if mode == "local" or not model.is_structured:
+            if mode == "local" or not model.is_structured:  # (Task.predicts_locally)
                 outs.append(model.local_probs(feats))
                 iters.append(0)
             else:
