@@ -297,7 +297,8 @@ def _check_stages(tree: Mapping, data, parts: dict[str, Part]) -> None:
                                f"trainer=default, or switch this stage off with trainer.stages.{name}=null")
         model = parts["model"]
         train = spec.get("train")
-        if isinstance(train, list) and model.declares and model.cls.parts is not None:
+        # (only a class's own list: a subclass may add parts of its own, e.g. a parameter on itself)
+        if isinstance(train, list) and model.declares and vars(model.cls).get("parts") is not None:
             unknown = [t for t in map(str, train) if t not in (*model.cls.parts, "inference")]
             if unknown:
                 raise DspError(f"trainer.stages.{name}.train names {unknown}, which {model.name} does not have (its "

@@ -139,7 +139,9 @@ class Model(nn.Module):
     inputs: frozenset[str] | None = None
     provides: frozenset[str] = frozenset()  # model capabilities (MODEL_CAPABILITIES)
     y_parts: tuple[str, ...] = ()  # children that see ȳ: twice differentiable for unrolled learning
-    parts: tuple[str, ...] | None = None  # its child modules, which stages may train by name (None: unknown)
+    # Its child modules, which stages may train by name; None: unknown. Checked only on the class
+    # that sets it (a subclass may add parts).
+    parts: tuple[str, ...] | None = None
     # How ȳ is relaxed: "box" (each entry in [0, 1]), "simplex" (a distribution over the last axis,
     # e.g. the K labels of each position), "real" (unconstrained values, e.g. images).
     relaxation = "box"

@@ -75,3 +75,34 @@ def test_no_hand_written_gradient_with_active_dropout():
     model.global_energy.deeper = MLP(3, [2], dropout=0.5)
     assert not model.train().has_analytic_gradient()
     assert model.eval().has_analytic_gradient()
+
+
+def test_online_scaling_of_the_local_energy_picks_the_alpha_the_objective_prefers_and_checkpoints_keep_it():
+    """A SPEN's local energy has a scale α (model.unary_scale): online scaling scores the objective's
+    own loss at every α of the grid (here the SSVM, inference included), keeps the best, and old
+    checkpoints without α load with α = 1."""
+    from dsp.inference.gradient import GradientInference
+    from dsp.objectives.ssvm import SSVMLoss
+    from dsp.training.scaling import choose_unary_scale, subset_losses
+
+    torch.manual_seed(0)
+    model = make_spen(dtype=torch.float32)
+    x, y = torch.randn(12, 5), (torch.rand(12, 6) < 0.4).float()
+    objective, inference = SSVMLoss(), GradientInference(max_iter=10)
+    grid = [0.25, 1.0, 4.0]
+    losses = subset_losses(model, objective, x, y, grid, inference=inference)
+    expected = []
+    for alpha in grid:
+        model.unary_scale.fill_(alpha)
+        with torch.no_grad():
+            expected.append(objective.loss(model, inference, x, y)[0].item())
+    model.unary_scale.fill_(1.0)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    logs = choose_unary_scale(model, objective, x, y, min_exp=-2, max_exp=2, inference=inference)
+    best = min(range(len(grid)), key=expected.__getitem__)
+    assert model.unary_scale.item() == logs["scaling/alpha"]
+    assert logs["scaling/subset_loss"] <= expected[best] + 1e-5  # the 5-point grid includes these 3
+    state = {k: v for k, v in model.state_dict().items() if k != "unary_scale"}  # a checkpoint from before α
+    fresh = make_spen(dtype=torch.float32)
+    fresh.load_state_dict(state)
+    assert fresh.unary_scale.item() == 1.0

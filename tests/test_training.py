@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+
+from dsp import interfaces as I
 from hydra import compose, initialize_config_dir
 
 from dsp.build import build_data, build_model, build_objective
@@ -63,7 +65,7 @@ def test_a_model_without_a_local_term_cannot_predict_locally():
     check_predict_mode(dvn, "inference", "predict")
     with pytest.raises(DspError, match="predict=local: SegmentationValueNetwork has no local term"):
         check_predict_mode(dvn, "local", "predict")
-    check_predict_mode(torch.nn.Linear(2, 2), "local", "predict")  # models have one unless they say otherwise
+    check_predict_mode(I.Model(), "local", "predict")  # models have one unless they say otherwise
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

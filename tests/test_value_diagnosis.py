@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from dsp import interfaces as I
 from torch import nn
 
 from dsp.inference.gradient import GradientInference
@@ -19,7 +21,7 @@ from dsp.tasks.value_diagnosis import value_diagnosis
 REPO = Path(__file__).resolve().parents[1]
 
 
-class HandValue(nn.Module):
+class HandValue(I.Model):
     """v(x, ȳ) = soft IoU of ȳ against the mask drawn in channel 0 of x ("oracle"), or the mean of ȳ
     ("ones": the all-ones mask is its maximum)."""
 
@@ -37,6 +39,9 @@ class HandValue(nn.Module):
 
     def energy(self, y, feats):
         return -self.value(y, feats)
+
+    def local_probs(self, feats):
+        return torch.zeros_like(feats.logits)  # the ascent's start ȳ = 0
 
 
 def masks():
