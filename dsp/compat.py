@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsp import interfaces as I
 from dsp.errors import DspError
+from dsp.training.scaling import scaling_settings
 
 GROUPS = ("data", "model", "inference", "objective")
 # Modules whose second derivative is zero or undefined: unrolled learning differentiates ∇_y E.
@@ -184,7 +185,7 @@ def _problems(data, model: Part, inference: Part, objective: Part) -> list[tuple
         for need in sorted(model_needs - caps):
             out.append((("objective", "model"), f"{objective.name} needs a model with `{need}` "
                                                 f"({I.describe(need)}), which {model.name} does not provide"
-                                                + _kinks(model)))
+                                                + (_kinks(model) if need == I.SMOOTH_ENERGY else "")))
     if inference.declares:
         for need in sorted(inference_needs - inference.cls.provides):
             out.append((("inference", "objective"), f"{objective.name} needs an inference routine that "
@@ -216,20 +217,31 @@ def _shipped_parts(group: str) -> dict[str, Part]:
 _FITTING: dict = {}
 
 
-def _alternatives(group: str, data, parts: dict[str, Part]) -> list[str]:
-    """Shipped options of `group` that fit the other chosen parts."""
-    key = (group, data) + tuple((g, p.cls, repr(p.config), p._structured) for g, p in parts.items() if g != group)
+def _alternatives(group: str, data, parts: dict[str, Part], tree: Mapping | None = None) -> list[str]:
+    """Shipped options of `group` that fit the other chosen parts (and, given the config's `tree`,
+    its data's keys and its training stages: a suggestion must not be refused in turn)."""
+    context = None if tree is None else (repr(tree.get("data")), repr((tree.get("trainer") or {}).get("stages")))
+    key = (group, data, context) + tuple((g, p.cls, repr(p.config), p._structured) for g, p in parts.items()
+                                         if g != group)
     if key not in _FITTING:
-        _FITTING[key] = _fitting(group, data, parts)
+        _FITTING[key] = _fitting(group, data, parts, tree)
     return _FITTING[key]
 
 
-def _fitting(group: str, data, parts: dict[str, Part]) -> list[str]:
+def _fitting(group: str, data, parts: dict[str, Part], tree: Mapping | None) -> list[str]:
     fitting = []
     for name, candidate in _shipped_parts(group).items():
         trial = {**parts, group: candidate}
-        if candidate.declares and _fits(data, trial["model"], trial["inference"], trial["objective"]):
-            fitting.append(name)
+        if not (candidate.declares and _fits(data, trial["model"], trial["inference"], trial["objective"])):
+            continue
+        if tree is not None:
+            try:
+                trial_tree = {**tree, group: candidate.config}
+                _check_references(trial_tree, group, data_class(trial_tree), {})
+                _check_stages(trial_tree, data, trial)
+            except DspError:
+                continue
+        fitting.append(name)
     return fitting
 
 
@@ -260,23 +272,27 @@ def check_config(cfg, choices: Mapping[str, str] | None = None) -> None:
     data = data_class(tree)
     declared = Data(data.output, data.input) if data is not None else Data(None, None)
     parts = {g: Part.of_node(g, tree.get(g), choices.get(g)) for g in ("model", "inference", "objective")}
-    _refuse_mismatch(declared, parts, f"data={choices['data']}" if "data" in choices else "the data")
+    _refuse_mismatch(declared, parts, f"data={choices['data']}" if "data" in choices else "the data", tree)
     for group in ("model", "inference", "objective"):
         _check_references(tree, group, data, choices)
     data = declared
     _check_stages(tree, data, parts)
 
 
-def _refuse_mismatch(data, parts: dict[str, Part], data_name: str) -> None:
+def _refuse_mismatch(data, parts: dict[str, Part], data_name: str, tree: Mapping | None = None) -> None:
     problems = _problems(data, parts["model"], parts["inference"], parts["objective"])
     if problems:
         groups, why = problems[0]
         hints = []
         for group in groups:
-            fitting = _alternatives(group, data, parts)
+            fitting = _alternatives(group, data, parts, tree)
             if fitting:
                 others = ", ".join(p.name for g, p in parts.items() if g != group)
                 hints.append(f"{group} choices that fit {others} and {data_name}: {', '.join(fitting)}")
+        if not hints and data.kind:  # nothing fits the rest: name what works on this data at all
+            group = groups[0]
+            made_for = [n for n, p in _shipped_parts(group).items() if p.declares and data.kind in p.outputs]
+            hints = [f"{group} choices made for {data.kind} outputs: {', '.join(made_for)}"] if made_for else []
         raise DspError(f"{why}. " + ("; or ".join(hints) if hints else "No shipped choice of "
                                      f"{' or '.join(groups)} fits the other parts; change another part"))
 
@@ -298,15 +314,18 @@ def _check_stages(tree: Mapping, data, parts: dict[str, Part]) -> None:
         model = parts["model"]
         train = spec.get("train")
         # (only a class's own list: a subclass may add parts of its own, e.g. a parameter on itself)
-        if isinstance(train, list) and model.declares and vars(model.cls).get("parts") is not None:
-            unknown = [t for t in map(str, train) if t not in (*model.cls.parts, "inference")]
+        own = model.cls.parts_for(model.config) if model.declares else None
+        if isinstance(train, list) and own is not None:
+            unknown = [t for t in map(str, train) if t not in (*own, "inference")]
             if unknown:
                 raise DspError(f"trainer.stages.{name}.train names {unknown}, which {model.name} does not have (its "
-                               f"parts: {', '.join(model.cls.parts)}); train in one stage with trainer=default, or "
-                               f"name the model's own parts")
+                               f"parts: {', '.join(own)}); train in one stage with trainer=default, or name the "
+                               f"model's own parts")
         if spec.get("predict") == "local" and parts["model"].declares and I.LOCAL not in caps:
             raise DspError(f"trainer.stages.{name}.predict=local: {parts['model'].name} has no local term to "
                            f"predict from ({I.describe(I.LOCAL)}); predict with inference")
+    if trainer.get("online_scaling"):
+        scaling_settings(trainer["online_scaling"])  # its keys and values, by name
     if trainer.get("online_scaling") and parts["model"].declares and I.SCALABLE_LOCAL not in caps:
         raise DspError(f"trainer.online_scaling: {parts['model'].name} has no scalable local term "
                        f"({I.describe(I.SCALABLE_LOCAL)}); set trainer.online_scaling=null")

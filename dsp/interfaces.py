@@ -169,6 +169,11 @@ class Model(nn.Module):
                 if isinstance(node := config.get(part), Mapping) and is_kinked(node.get("activation", ""))]
 
     @classmethod
+    def parts_for(cls, config: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """The parts a model built from `config` has (its class's own `parts`; None: unknown)."""
+        return vars(cls).get("parts")
+
+    @classmethod
     def structured(cls, config: Mapping[str, Any]) -> bool:
         """Whether a model built from `config` predicts with an inference routine (False: its
         prediction is read off its local term, as an MLP baseline's)."""

@@ -60,13 +60,18 @@ def render(rows) -> str:
         "from the shipped configs under `conf/`. Each data family (the data options that share a loader) "
         "is crossed with every model, inference routine and objective: "
         f"{total} combinations, of which {fitting} fit. A fitting combination trains: "
-        "`tests/test_matrix.py` runs each for two steps on tiny data. Every other one is refused by "
+        "`tests/test_matrix.py` runs two steps on tiny data of a covering set (every model meets every "
+        "objective and every inference routine it fits, on each data family), and of every fitting "
+        "combination with `DSP_FULL_MATRIX=1`. Every other one is refused by "
         "`dsp-train` (and `dsp-eval`, `dsp-gradcheck`, `-m` sweeps) before any data is loaded or any "
         "folder made, with the reason below and the choices that would fit instead. The rules are the "
         "declarations of `dsp/interfaces.py`, checked by `dsp/compat.py`.",
         "",
         "A cell lists the inference routines that fit the model and objective; `any` means the routine "
-        "is never called (an unstructured model with an objective that needs no inference).",
+        "is never called (an unstructured model with an objective that needs no inference). The "
+        "combinations are judged with one training stage (`trainer=default`); a staged trainer also "
+        "names the parts it trains (`trainer=staged`: a SPEN's, `trainer=crf_stage`: a CRF's), and a "
+        "trainer whose stages name parts the model does not have is refused as well.",
         "",
     ]
     for data in families:
@@ -85,8 +90,9 @@ def render(rows) -> str:
         out += ["Refused, grouped by reason (count, one example):", ""]
         for kind, cells in sorted(refusals[data].items(), key=lambda kv: -len(kv[1])):
             model, inference, objective, reason = cells[0]
-            out.append(f"- {len(cells)} × {kind}. Example: `model={model} inference={inference} "
-                       f"objective={objective}`: {reason}")
+            hint = reason.split(". ", 1)[1] if ". " in reason else ""
+            out.append(f"- {len(cells)} × {kind}. E.g. `model={model} inference={inference} objective={objective}`"
+                       + (f": {hint}" if hint else ""))
         out.append("")
     return "\n".join(out)
 

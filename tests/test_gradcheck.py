@@ -32,9 +32,10 @@ def data_dir(tmp_path):
 def test_model_defaults_fill_only_the_groups_the_command_line_leaves_out():
     table = load_model_defaults()
     args, added = with_model_defaults(["model=chain_crf"], table)
-    assert added == ["data=ocr", "inference=chain", "objective=crf_nll"] and args == ["model=chain_crf", *added]
+    assert added == ["data=ocr", "inference=chain", "objective=crf_nll", "trainer=default"]
+    assert args == ["model=chain_crf", *added]
     _, added = with_model_defaults(["model=dvn", "data=mulan", "objective.loss=l2"], table)
-    assert added == ["inference=dvn_ascent", "objective=value"]
+    assert added == ["inference=dvn_ascent", "objective=value", "trainer=default"]
     _, added = with_model_defaults(["model=dvn_seg", "objective=value"], table)  # objective.oracle: the user's
     assert added == ["data=horses32", "inference=dvn_seg_ascent", "trainer=default"]
     assert with_model_defaults(["model=foe", "trainer=default"], table)[1] == [

@@ -163,3 +163,16 @@ def test_every_fitting_cell_trains_two_steps(cell, tmp_path, tiny_root):
     check_config(cfg, {"data": data, "model": model, "inference": inference, "objective": objective})
     metrics = train(cfg, tmp_path / "run")
     assert np.isfinite(metrics[f"test/{metrics.monitor}"]) and metrics["train/epochs"] >= 1
+
+
+def test_the_published_matrix_is_current():
+    """docs/MATRIX.md counts what dsp.compat decides today (rerun scripts/compat_matrix.py if not)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "MATRIX.md").read_text()
+    total, fitting = map(int, re.search(r"(\d+) combinations, of which (\d+) fit", text).groups())
+    rows = _rows()
+    assert (total, fitting) == (len(rows), sum(r[4] is None for r in rows)), "run python scripts/compat_matrix.py"
+    for data, model, _, objective, reason in rows:
+        if reason is None:
+            assert f"## data={data}" in text and f"| {model} |" in text and objective in text

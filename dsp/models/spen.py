@@ -151,6 +151,10 @@ class SPEN(I.Model):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
+    def parts_for(cls, config) -> tuple[str, ...]:
+        return cls.parts if config.get("global_energy", True) is not None else cls.parts[:2]  # the MLP
+
+    @classmethod
     def structured(cls, config) -> bool:
         return config.get("global_energy", True) is not None  # the MLP baseline reads its logits
 
