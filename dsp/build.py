@@ -126,6 +126,19 @@ def override_config(cfg: DictConfig, overrides, source: str) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.create(tree))
 
 
+def _refuse_learned_overrides(model: torch.nn.Module, overrides) -> None:
+    """A +set.model.<key> that names state the checkpoint restores (a learned or chosen buffer such as
+    unary_scale) would be recorded but have no effect: refused."""
+    if not overrides:
+        return
+    tree = OmegaConf.to_container(overrides, resolve=True) if isinstance(overrides, DictConfig) else dict(overrides)
+    state = set(model.state_dict())
+    for key, _ in _dotted(tree.get("model") or {}, "model."):
+        if key.removeprefix("model.") in state:
+            raise DspError(f"dsp-eval +set.{key}: the checkpoint restores {key.removeprefix('model.')} (it was "
+                           f"trained or chosen during training), so the change would do nothing")
+
+
 def legacy_defaults(cfg: DictConfig) -> DictConfig:
     """A stored config from before a data key existed gets the value that run was made with, not
     today's default, so an old run re-evaluates on the data it was scored on: horses runs saved
@@ -150,6 +163,7 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
     model = build_model(cfg)
     inference = build_inference(cfg)
     attach_inference(model, inference)  # before loading: learned step sizes live in the state
+    _refuse_learned_overrides(model, overrides)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

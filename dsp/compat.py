@@ -35,7 +35,8 @@ def declared_class(target: str, key: str):
     try:
         return _declared_class(target)
     except Exception as err:  # noqa: BLE001 -- ImportError, AttributeError, ValueError from a bad path
-        raise DspError(f"{key}._target_={target}: cannot be imported ({err}); check the module path, "
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DspError(f"{key}._target_={target}: cannot be imported ({first}); check the module path, "
                        f"and that your package is installed or on PYTHONPATH") from None
 
 
@@ -324,9 +325,9 @@ def _check_stages(tree: Mapping, data, parts: dict[str, Part]) -> None:
         if spec.get("predict") == "local" and parts["model"].declares and I.LOCAL not in caps:
             raise DspError(f"trainer.stages.{name}.predict=local: {parts['model'].name} has no local term to "
                            f"predict from ({I.describe(I.LOCAL)}); predict with inference")
-    if trainer.get("online_scaling"):
+    if trainer.get("online_scaling") is not None:  # ({} is on, with the paper's grid)
         scaling_settings(trainer["online_scaling"])  # its keys and values, by name
-    if trainer.get("online_scaling") and parts["model"].declares and I.SCALABLE_LOCAL not in caps:
+    if trainer.get("online_scaling") is not None and parts["model"].declares and I.SCALABLE_LOCAL not in caps:
         raise DspError(f"trainer.online_scaling: {parts['model'].name} has no scalable local term "
                        f"({I.describe(I.SCALABLE_LOCAL)}); set trainer.online_scaling=null")
 
@@ -394,6 +395,7 @@ def check_built(data, model, inference, objective, cfg=None) -> None:
         raise DspError(f"data: {type(data).__module__}.{type(data).__name__} does not subclass "
                        f"dsp.interfaces.Dataset (or one of dsp.data's split classes), so dsp cannot tell its "
                        f"output kind; subclass it and set `output` (docs/EXTENDING.md)")
+    _check_implemented(model)
     nodes = {g: (OmegaConf.to_container(cfg[g], resolve=False) if cfg is not None and cfg.get(g) is not None else {})
              for g in ("model", "inference", "objective")}
     parts = {"model": Part("model", type(model), nodes["model"], structured=model.is_structured),
@@ -402,6 +404,20 @@ def check_built(data, model, inference, objective, cfg=None) -> None:
     _refuse_mismatch(Data(data.output, data.input) if data is not None else Data(None, None), parts, "the data")
     if objective.second_order:
         _check_twice_differentiable(model)
+
+
+# The method (or state) behind each capability a model may declare.
+IMPLEMENTS = {I.ENERGY: "energy", I.LOCAL: "local_probs", I.LOCAL_LOGITS: "local_logits", I.VALUE: "score",
+              I.REGION_POTENTIALS: "unaries", I.SCALABLE_LOCAL: "unary_scale"}
+
+
+def _check_implemented(model) -> None:
+    """A model that declares a capability has what it promises (not an AttributeError mid-run)."""
+    lacking = [f"`{cap}` ({attr})" for cap, attr in IMPLEMENTS.items()
+               if cap in model.provides and not hasattr(model, attr)]
+    if lacking:
+        raise DspError(f"model: {type(model).__name__} declares {', '.join(lacking)} but does not define "
+                       f"{'it' if len(lacking) == 1 else 'them'}; implement the methods or drop the declarations")
 
 
 def _check_twice_differentiable(model) -> None:

@@ -96,7 +96,9 @@ class CheckParts(Callback):
             return
         for number, job in enumerate(jobs):
             try:  # (options found through hydra.searchpath are not seen here: such jobs are checked as they start)
-                cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+                cfg = compose(config_name=config.hydra.job.config_name, overrides=job, return_hydra_config=True)
+            except KeyboardInterrupt:
+                _interrupted()
             except Exception:  # noqa: BLE001 -- whatever Hydra cannot compose here, the job itself reports
                 return
             _refuse(lambda: check_config(cfg, cfg.hydra.runtime.choices), f"job {number} ({' '.join(job)}): ")
@@ -108,6 +110,13 @@ def _refuse(check, prefix: str = "") -> None:
     except (DspError, OmegaConfBaseException) as err:
         print(f"error: {prefix}{err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        _interrupted()
+
+
+def _interrupted() -> None:
+    print("interrupted while checking the configuration: nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:

@@ -151,8 +151,9 @@ class SPEN(I.Model):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def parts_for(cls, config) -> tuple[str, ...]:
-        return cls.parts if config.get("global_energy", True) is not None else cls.parts[:2]  # the MLP
+    def parts_for(cls, config) -> tuple[str, ...] | None:
+        own = super().parts_for(config)  # None for a subclass without a list of its own
+        return own if own is None or config.get("global_energy", True) is not None else own[:2]  # the MLP
 
     @classmethod
     def structured(cls, config) -> bool:

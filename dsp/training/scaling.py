@@ -8,6 +8,8 @@ OnlineScaling is the trainer hook (dsp.training.hooks) that does it after every 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from dsp import interfaces as I
@@ -37,6 +39,12 @@ def scaling_settings(online_scaling) -> tuple[str, dict]:
     split = settings.pop("split", "train")
     if split not in ("train", "val"):
         raise DspError(f"trainer.online_scaling.split={split!r}: use train (Algorithm 1) or val")
+    for key, low, high in (("min_exp", -30, 30), ("max_exp", -30, 30), ("subset", 1, None), ("batch_size", 1, None)):
+        if key in settings:
+            value = settings[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+                span = f"a whole number in [{low}, {high}]" if high is not None else f"a whole number >= {low}"
+                raise DspError(f"trainer.online_scaling.{key}={value!r}: give {span}")
     if settings.get("min_exp", MIN_EXP) > settings.get("max_exp", MAX_EXP):
         raise DspError("trainer.online_scaling: min_exp must not exceed max_exp (the grid is 2^min_exp..2^max_exp)")
     return split, settings
@@ -52,6 +60,8 @@ def subset_losses(model, objective, x, y, grid: list[float], subset: int = 2000,
     idx = torch.randperm(x.shape[0], generator=gen)[: min(subset, x.shape[0])].to(x.device)
     totals = torch.zeros(len(grid), dtype=torch.float64, device=x.device)  # summed on the device: no syncs
     kept = model.unary_scale.clone()
+    state = copy.deepcopy(objective.state_dict())  # e.g. a replay ring the scoring must not fill
+    rng = torch.get_rng_state()
     with eval_mode(model), torch.no_grad():
         for start in range(0, idx.shape[0], batch_size):
             xb, yb = x[idx[start : start + batch_size]], y[idx[start : start + batch_size]]
@@ -63,8 +73,11 @@ def subset_losses(model, objective, x, y, grid: list[float], subset: int = 2000,
             else:  # the objective itself at each α (inference included)
                 for i, alpha in enumerate(grid):
                     model.unary_scale.fill_(alpha)
+                    torch.manual_seed(seed + start)  # the same random draws (tuple sources) for every α
                     totals[i] += objective.loss(model, inference, xb, yb)[0].double() * xb.shape[0]
     model.unary_scale.copy_(kept)
+    objective.load_state_dict(state)
+    torch.set_rng_state(rng)
     return totals / idx.shape[0]
 
 

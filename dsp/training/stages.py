@@ -146,8 +146,14 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
         get = lambda key: spec.get(key) if spec.get(key) is not None else trainer_cfg.get(key)  # noqa: E731
         obj_cfg = spec.get("objective", "main")
         objective = main_objective if obj_cfg in (None, "main") else instantiate(obj_cfg, f"trainer.stages.{name}.objective")
-        train = spec.get("train") or "all"
+        train = spec.get("train")
+        train = "all" if train is None else train
+        if isinstance(train, str) and train != "all":
+            raise DspError(f"trainer.stages.{name}.train={train!r}: give all or a list of the model's parts, "
+                           f"e.g. [{train}]")
         train = train if train == "all" else [str(t) for t in train]
+        if not train:
+            raise DspError(f"trainer.stages.{name}.train is empty: name the parts it trains, or all")
         if train != "all":
             missing = [t for t in train if t not in parts]
             if missing:

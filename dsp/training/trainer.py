@@ -122,7 +122,7 @@ class Trainer:
         self.early_stopping = EarlyStopping(self.min_delta, cfg.get("stop_at"))  # (and trainer.stop_at)
         self.hooks: list[Hook] = [self.early_stopping,
                                   *([self.ema] if self.ema is not None else []),
-                                  *([OnlineScaling(cfg.online_scaling)] if cfg.get("online_scaling") else [])]
+                                  *([OnlineScaling(cfg.online_scaling)] if cfg.get("online_scaling") is not None else [])]
 
     @property
     def predictor(self) -> torch.nn.Module:

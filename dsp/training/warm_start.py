@@ -49,7 +49,9 @@ def warm_start(model: torch.nn.Module, source, parts="all") -> tuple[Path, int]:
         raise DspError(f"trainer.init_parts names {unknown}, which the model does not have; its parts are "
                        f"{sorted(names)}")
     own = model.state_dict()
-    wanted = [k for k in own if k.split(".", 1)[0] in chosen_parts]
+    buffers = {n for n, _ in model.named_buffers()}
+    # a buffer the checkpoint predates (a SPEN's α) keeps the model's own value
+    wanted = [k for k in own if k.split(".", 1)[0] in chosen_parts and (k in state or k not in buffers)]
     missing = [k for k in wanted if k not in state]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wanted
                   if k in state and state[k].shape != own[k].shape]
