@@ -32,10 +32,10 @@ def data_dir(tmp_path):
 def test_model_defaults_fill_only_the_groups_the_command_line_leaves_out():
     table = load_model_defaults()
     args, added = with_model_defaults(["model=chain_crf"], table)
-    assert added == ["data=ocr", "inference=chain", "objective=crf_nll", "trainer=default"]
+    assert added == ["data=ocr", "trainer=default", "inference=chain", "objective=crf_nll"]
     assert args == ["model=chain_crf", *added]
     _, added = with_model_defaults(["model=dvn", "data=mulan", "objective.loss=l2"], table)
-    assert added == ["inference=dvn_ascent", "objective=value", "trainer=default"]
+    assert added == ["trainer=default", "inference=dvn_ascent", "objective=value"]
     _, added = with_model_defaults(["model=dvn_seg", "objective=value"], table)  # objective.oracle: the user's
     assert added == ["data=horses32", "inference=dvn_seg_ascent", "trainer=default"]
     assert with_model_defaults(["model=foe", "trainer=default"], table)[1] == [
@@ -242,7 +242,7 @@ def compose_gradcheck(*overrides):
 @pytest.mark.parametrize("factor", [2.0, 2.2])
 def test_the_engine_alone_tells_a_right_hand_written_gradient_from_a_wrong_one(factor):
     cfg = compose_gradcheck("model=mlp", "data=synthetic", "data.num_train=8", "model.feature_net.hidden=[8]",
-                            "objective=local",
+                            "objective=local", "trainer=default",
                             f"objective._target_={__name__}.HandSquareLoss", f"+objective.factor={factor}")
     report = gradcheck(cfg)
     worst = {c.name: c.worst[0] for c in report.checks}
