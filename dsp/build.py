@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dsp.compat import check_built, check_config
 from dsp.errors import DspError
-from dsp.instantiate import instantiate
+from dsp.instantiate import check_trusted, instantiate
 from dsp.seed import set_seed
 from dsp.tasks import task_for
 from dsp.training.stages import build_stages
@@ -150,15 +150,25 @@ def legacy_defaults(cfg: DictConfig) -> DictConfig:
 
 
 def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device = "cpu",
-             overrides=None) -> LoadedRun:
+             overrides=None, trust=()) -> LoadedRun:
     """Load `run_dir/checkpoints/<ckpt>.pt` with the config stored inside it, changed by
-    `overrides` ({"data": {"test_crops": 36}}; see override_config) when given."""
+    `overrides` ({"data": {"test_crops": 36}}; see override_config) when given. The stored config
+    builds only dsp's parts, torch.nn and torch.optim, and the modules named in `trust`
+    (dsp.instantiate.check_trusted): a checkpoint from elsewhere cannot call arbitrary code."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DspError(f"run folder {run_dir} does not exist; pass run_dir=<a dsp-train output folder>")
+    if not isinstance(ckpt, str) or not ckpt or Path(ckpt).name != ckpt or ckpt in (".", ".."):
+        raise DspError(f"ckpt={ckpt!r}: give the name of a checkpoint in {run_dir / 'checkpoints'} (best or last); "
+                       f"to evaluate another run, pass its folder as run_dir")
     path = run_dir / "checkpoints" / f"{ckpt}.pt"
     state = load_checkpoint(path, map_location=device)
+    missing = [k for k in ("config", "model", "threshold", "predict") if k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise DspError(f"checkpoint {path} lacks {', '.join(missing) or 'a run config'}: it was not written by "
+                       f"dsp-train; use the other checkpoint (ckpt=last or ckpt=best) or retrain")
     cfg = override_config(legacy_defaults(OmegaConf.create(state["config"])), overrides, "dsp-eval +set.")
+    check_trusted(cfg, f"the config stored in {path}", trust)  # before anything is imported or called
     check_config(cfg, {})  # a +set change of inference (or a user's part) that no longer fits
     model = build_model(cfg)
     inference = build_inference(cfg)
@@ -172,4 +182,5 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
     objective = build_objective(cfg)
     check_built(None, model, inference, objective, cfg)
     inference.match(objective)
-    return LoadedRun(cfg, model, inference, None if state["threshold"] is None else float(state["threshold"]), state["predict"], state)
+    return LoadedRun(cfg, model, inference, None if state["threshold"] is None else float(state["threshold"]),
+                     state["predict"], state)

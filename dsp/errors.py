@@ -6,3 +6,9 @@ class DspError(Exception):
 
     The command-line entrypoints print these as `error: <message>` and exit with status 2.
     """
+
+
+class DiskError(DspError, OSError):
+    """A write that the disk refused (full, read-only, a file where a folder should be), as one line
+    naming the path and the cause. Also an OSError, so code that already handles failed writes
+    (`except OSError`) keeps doing so."""

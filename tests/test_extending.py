@@ -63,13 +63,15 @@ def test_a_parameter_registered_directly_on_the_user_model_is_trained(user_run):
 
 def test_dsp_eval_and_load_run_rebuild_the_user_model(user_run, monkeypatch):
     out, _ = user_run
-    proc = run("dsp.cli.evaluate", f"run_dir={out}")
+    refused = run("dsp.cli.evaluate", f"run_dir={out}")  # a stored config builds the user's code only when trusted
+    assert refused.returncode == 2 and "trust=" in refused.stderr and "my_dsp" in refused.stderr, refused.stderr
+    proc = run("dsp.cli.evaluate", f"run_dir={out}", "trust=[my_dsp]")
     assert proc.returncode == 0, proc.stderr
     assert "test/example_f1" in proc.stdout
     monkeypatch.syspath_prepend(str(USER_PKG))
     import dsp
 
-    loaded = dsp.load_run(out)
+    loaded = dsp.load_run(out, trust=["my_dsp"])
     assert type(loaded.model).__name__ == "LowRankEnergy" and loaded.threshold is not None
 
 

@@ -45,10 +45,10 @@ from dsp.training.trainer import resolve_device
 EVALUATION = "evaluation.json"  # what an evaluation folder holds: split, ckpt, predict and +set changes
 
 
-def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None, predict=None):
+def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None, predict=None, trust=()):
     """(metrics, arrays, figures) of a run folder's checkpoint on one split; `predict` overrides
-    the checkpoint's prediction mode."""
-    run = load_run(run_dir, ckpt=ckpt, device=device, overrides=overrides)
+    the checkpoint's prediction mode; `trust`: modules of the user's own parts (dsp.instantiate)."""
+    run = load_run(run_dir, ckpt=ckpt, device=device, overrides=overrides, trust=trust)
     if predict is not None:
         check_predict_mode(run.model, predict, "predict")
         run.predict_mode = predict
@@ -68,11 +68,11 @@ def _evaluate(run_dir, split, ckpt, device, batch_size, overrides=None, predict=
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", ckpt: str = "best", device="cpu", batch_size=1024,
-                 overrides=None, predict=None):
+                 overrides=None, predict=None, trust=()):
     """Evaluate a run folder's checkpoint on one split (its stored config changed by `overrides`,
     e.g. {"data": {"test_crops": 36}}; `predict`: "local" or "inference" instead of the
     checkpoint's mode); returns (metrics, arrays)."""
-    metrics, arrays, _ = _evaluate(run_dir, split, ckpt, device, batch_size, overrides, predict)
+    metrics, arrays, _ = _evaluate(run_dir, split, ckpt, device, batch_size, overrides, predict, trust)
     return metrics, arrays
 
 
@@ -137,7 +137,7 @@ def _main(cfg: DictConfig) -> None:
             "set": OmegaConf.to_container(cfg.set, resolve=True)}
     _check_out(run_dir, out, spec, bool(cfg.get("overwrite")))
     metrics, arrays, figures = _evaluate(run_dir, cfg.split, cfg.ckpt, device, cfg.batch_size, cfg.set,
-                                         cfg.get("predict"))
+                                         cfg.get("predict"), _trust(cfg.get("trust")))
     write_json(spec, run_dir / out / EVALUATION)
     write_json(metrics, run_dir / out / "metrics.json")
     write_json([environment(device)], run_dir / out / "environment.json")  # what computed these metrics
@@ -147,6 +147,16 @@ def _main(cfg: DictConfig) -> None:
     mode = f", predict={cfg.predict}" if cfg.get("predict") else ""
     changes = "".join(f", {k}={v}" for k, v in _flat(spec["set"]).items())
     print_table(metrics, f"{run_dir} ({cfg.ckpt}.pt, {cfg.split} split{mode}{changes}) -> {run_dir / out}:")
+
+
+def _trust(trust) -> list[str]:
+    """trust=my_pkg or trust=[my_pkg, other_pkg]: the modules whose parts a stored config may build."""
+    if trust is None:
+        return []
+    names = [trust] if isinstance(trust, str) else list(trust) if OmegaConf.is_list(trust) else None
+    if names is None or not all(isinstance(n, str) and n for n in names):
+        raise DspError(f"trust={trust!r}: give a module name or a list of them, e.g. trust=[my_pkg]")
+    return names
 
 
 def _flat(tree: dict, prefix: str = "set.") -> dict:
