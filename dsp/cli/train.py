@@ -19,7 +19,8 @@ from dsp.compat import check_config
 from dsp.errors import DspError
 from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training import distributed
-from dsp.training.checkpoint import refuse_used_run_dir
+from dsp.training import run_folder
+from dsp.training.checkpoint import load_latest, refuse_used_run_dir
 from dsp.training.config_checks import check_seed, check_trainer
 from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted
 from dsp.training.trainer import Trainer, resolve_device
@@ -44,9 +45,11 @@ class CreateSweepFolder(Callback):
 
 
 class GuardUsedFolders(Callback):
-    """hydra.callbacks entry of every run: refuse a run or sweep folder that holds another run's
-    results before Hydra rewrites the folder's .hydra/ record (which it does before the task starts,
-    so the trainer's own check would come too late to keep that record)."""
+    """hydra.callbacks entry of every run, before Hydra rewrites the folder's .hydra/ record (which it
+    does before the task starts, so the trainer's own checks would come too late to keep that record):
+    the run (or sweep) folder is locked for this process (dsp.training.run_folder: one writer per
+    folder); a fresh run refuses a folder that holds another run's results; a resume refuses settings
+    that differ from the ones its checkpoint was trained with."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config, lambda: [Path(config.hydra.run.dir)])
@@ -60,16 +63,31 @@ class GuardUsedFolders(Callback):
 
     @staticmethod
     def _check(config: DictConfig, folders) -> None:
-        if OmegaConf.select(config, "trainer.resume", default=False) is True:
-            return
         HydraConfig.instance().set_config(config)  # the folder names use ${hydra:...}
-        try:
-            for folder in folders():
-                refuse_used_run_dir(folder)
-        except DspError as err:
-            where = "hydra.sweep.dir" if config.hydra.mode == RunMode.MULTIRUN else "hydra.run.dir"
-            print(f"error: {str(err).replace('hydra.run.dir', where)}", file=sys.stderr)
-            sys.exit(2)
+        multirun = config.hydra.mode == RunMode.MULTIRUN
+        resume = OmegaConf.select(config, "trainer.resume", default=False) is True
+
+        def check():
+            if int(os.environ.get("RANK", 0)) == 0:  # torchrun: rank 0 holds the folder for all ranks
+                run_folder.hold(config.hydra.sweep.dir if multirun else config.hydra.run.dir)
+            if resume and not multirun:
+                refuse_changed_resume_of(Path(config.hydra.run.dir), config)
+            if not resume:
+                for folder in folders():
+                    refuse_used_run_dir(folder)
+
+        where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        _refuse(check, rename=("hydra.run.dir", where))
+
+
+def refuse_changed_resume_of(run_dir: Path, config: DictConfig) -> None:
+    """A resume into `run_dir` with settings other than its checkpoint's is refused (nothing written)."""
+    latest = load_latest(run_dir / "checkpoints")
+    if latest is None or not isinstance(latest[0].get("config"), dict):
+        return  # nothing to continue (the trainer starts the run), or a checkpoint without a config
+    state, path = latest
+    task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    run_folder.refuse_changed_resume(state["config"], run_folder.resolved(task, state["config"].get("dims")), path)
 
 
 class CheckParts(Callback):
@@ -102,13 +120,17 @@ class CheckParts(Callback):
             except Exception:  # noqa: BLE001 -- whatever Hydra cannot compose here, the job itself reports
                 return
             _refuse(lambda: check_config(cfg, cfg.hydra.runtime.choices), f"job {number} ({' '.join(job)}): ")
+            subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+            if cfg.trainer.get("resume") is True and subdir == "${hydra.job.num}":
+                folder = Path(config.hydra.sweep.dir) / str(number)  # (other layouts: checked as each job starts)
+                _refuse(lambda: refuse_changed_resume_of(folder, cfg), f"job {number} ({' '.join(job)}): ")
 
 
-def _refuse(check, prefix: str = "") -> None:
+def _refuse(check, prefix: str = "", rename: tuple[str, str] = ("", "")) -> None:
     try:
         check()
     except (DspError, OmegaConfBaseException) as err:
-        print(f"error: {prefix}{err}", file=sys.stderr)
+        print(f"error: {prefix}{str(err).replace(*rename) if rename[0] else err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted()
@@ -129,6 +151,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         device = dist.device if dist.enabled else resolve_device(cfg.trainer.device)
         if dist.enabled:
             run_dir = _shared_run_dir(dist, Path(run_dir))
+        if dist.is_main:  # one writer per run folder (the dsp-train callback may hold it already)
+            run_folder.hold(run_dir)
         run = assemble(cfg)
         config_dict = OmegaConf.to_container(cfg, resolve=True)
         trainer = Trainer(cfg.trainer, run.model, run.inference, run.stages, run.data, run_dir, device, config_dict,
@@ -141,6 +165,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         dist.barrier()
         return metrics
     finally:
+        if dist.is_main:
+            run_folder.release(run_dir)
         dist.close()
 
 

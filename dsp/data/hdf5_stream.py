@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import threading
+from contextlib import suppress
 from pathlib import Path
 from typing import Callable
 
@@ -21,12 +23,16 @@ import h5py
 import numpy as np
 import torch
 
-from dsp.errors import DspError
+from dsp.data.diskspace import disk_error, human
+from dsp.errors import DiskError, DspError
 
 SPLITS = ("train", "val", "test")
 # Small chunks (~16 KiB: four 5×28×28 uint8 words): a batch of scattered examples reads little
 # more than itself (~2 ms per 100 random Word50 words; 256 KiB chunks: ~10× slower).
 CHUNK_BYTES = 1 << 14
+# Free space wanted beyond twice the arrays' bytes (HDF5's headers and chunk index, and more).
+MARGIN = 16 << 20
+WRITE_ELSEWHERE = "write it elsewhere (paths.cache_dir, or hydra.run.dir for a run's data.h5)"
 
 
 def write_splits_h5(
@@ -37,11 +43,19 @@ def write_splits_h5(
 ) -> Path:
     """Write `/<split>/<name>` arrays (chunked along the first axis) and file attributes to `path`
     atomically: a temporary file in the same folder is renamed into place, so readers never see a
-    half-written file. Uncompressed by default, which keeps random-access batch reads cheap."""
+    half-written file. Uncompressed by default, which keeps random-access batch reads cheap.
+
+    A disk without room for the arrays (h5py would crash the process on it), a read-only folder or
+    a file where the folder should be is a DiskError (an OSError too) naming the path and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        need = 2 * sum(np.asarray(a).nbytes for arrays in splits.values() for a in arrays.values()) + MARGIN
+        free = shutil.disk_usage(path.parent).free
+        if free < need:  # checked before h5py opens the file: h5py crashes the process on a full disk
+            raise DiskError(f"cannot write {path}: {human(free)} free in {path.parent}, about {human(need)} "
+                            f"needed; free some space, or {WRITE_ELSEWHERE}, then run again")
         with h5py.File(tmp, "w") as f:
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value
@@ -54,9 +68,13 @@ def write_splits_h5(
                         chunks = (rows, *arr.shape[1:])
                     group.create_dataset(name, data=arr, chunks=chunks, compression=compression)
         os.replace(tmp, path)
+    except DspError:
+        raise
+    except OSError as err:
+        raise disk_error(path, err, WRITE_ELSEWHERE) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -123,6 +141,24 @@ def _reader(path, split, order, batch_size, start, transform, out: queue.Queue, 
         put(("error", err))
 
 
+def _check_split(path: Path, f: h5py.File, split: str) -> int:
+    """The number of examples in /<split>/x and /<split>/y: two datasets of at least one axis, the
+    first the same length (a file of another shape would fail later, in the reader, as an IndexError)."""
+    shapes = {}
+    for name in ("x", "y"):
+        ds = f[split][name]
+        if not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
+            found = f"shape {ds.shape}" if isinstance(ds, h5py.Dataset) else "a group"
+            raise DspError(f"HDF5 file {path}: dataset /{split}/{name} should be an array of shape "
+                           f"[examples, ...], found {found}; rewrite the file or delete it to have it written again")
+        shapes[name] = ds.shape
+    if shapes["y"][0] != shapes["x"][0]:
+        raise DspError(f"HDF5 file {path}: dataset /{split}/y should hold one row per example of /{split}/x, "
+                       f"shape [{shapes['x'][0]}, ...], found shape {shapes['y']} (x: {shapes['x']}); rewrite "
+                       f"the file or delete it to have it written again")
+    return shapes["x"][0]
+
+
 class PrefetchBatches:
     """One pass over `order[start:]` in batches of `batch_size`, read from `<path>/<split>/{x,y}`
     by a background thread while the caller computes on the previous batch.
@@ -157,9 +193,7 @@ class PrefetchBatches:
         self.pin_memory = pin_memory
         try:
             with h5py.File(self.path, "r") as f:
-                n = f[split]["x"].shape[0]
-                if f[split]["y"].shape[0] != n:
-                    raise KeyError(f"x holds {n} examples, y {f[split]['y'].shape[0]}")
+                n = _check_split(self.path, f, split)
         except (OSError, KeyError) as err:
             raise DspError(f"cannot read split {split!r} (x, y) from HDF5 file {self.path}: {err}; "
                            f"delete the file to have it written again") from None

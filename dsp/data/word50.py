@@ -50,7 +50,7 @@ from dsp.data.cache import default_cache_dir
 from dsp.data.hdf5_stream import SPLITS, write_splits_h5
 from dsp.data.ocr import DOWNLOAD_HINT, HEIGHT, LETTERS, WIDTH, parse_letters
 from dsp.data.sequences import SequenceSplits
-from dsp.errors import DspError
+from dsp.errors import DiskError, DspError
 
 FORMAT_VERSION = 1  # bump when the generator changes: old cache entries are then ignored
 SIZE = 28
@@ -290,6 +290,8 @@ def load_word50(
             cached = generate()
             try:
                 write_splits_h5(entry, cached[0], {"words": cached[1], "settings": raw})
+            except DiskError:  # names the path, the cause and the free space already
+                raise
             except OSError as err:
                 raise DspError(
                     f"cannot write the generated Word50 data to {entry} ({err}); point paths.cache_dir "

@@ -12,11 +12,13 @@ import os
 import pickle
 import random
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dsp.data.diskspace import disk_error
 from dsp.errors import DspError
 
 # Checkpoints written before RNG states were stored as tensors hold numpy's Mersenne-Twister state
@@ -25,21 +27,34 @@ _np_core = getattr(np, "_core", None) or np.core
 _LEGACY_NUMPY = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+WRITE_ELSEWHERE = "choose another folder (hydra.run.dir=...)"
+WRITE_AFTER = ("; the files already there are intact, and a training run continues from its last checkpoint "
+               "with trainer.resume=true")
+
+
 def _atomic(path: Path, write, keep_previous: Path | None = None) -> None:
-    """write(tmp) then rename tmp to path; with keep_previous, the old path is first renamed there."""
+    """write(tmp) then rename tmp to path; with keep_previous, the old path is first renamed there.
+
+    A write the disk refuses (full, read-only, a file where the folder should be) is a DiskError
+    naming the path and the cause; the temporary file is removed and the old files stay as they were.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb+") as f:  # on disk before the rename, or a power cut may leave it empty
             os.fsync(f.fileno())
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)  # a kill between the two renames: resume finds the .prev
         os.replace(tmp, path)
+    except DspError:
+        raise
+    except OSError as err:  # (while the partial file is still there: the free space it left tells a full disk)
+        raise disk_error(path, err, WRITE_ELSEWHERE, WRITE_AFTER) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def previous_of(path: str | os.PathLike) -> Path:
@@ -48,9 +63,19 @@ def previous_of(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+def _torch_save(state: dict, tmp: Path) -> None:
+    # Through a Python file, a failed write is an OSError with its errno (ENOSPC, EDQUOT, ...), where
+    # torch's own C++ writer only says "basic_ios::clear" or "unexpected pos".
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as err:  # still torch's writer failing: _atomic judges the cause by the free space
+            raise OSError(f"torch.save failed ({err})") from None
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike, keep_previous: bool = False) -> None:
     path = Path(path)
-    _atomic(path, lambda tmp: torch.save(state, tmp), previous_of(path) if keep_previous else None)
+    _atomic(path, lambda tmp: _torch_save(state, tmp), previous_of(path) if keep_previous else None)
 
 
 def write_json(obj, path: str | os.PathLike) -> None:
@@ -114,10 +139,18 @@ def refuse_used_run_dir(run_dir: str | os.PathLike) -> None:
                        f"that run, or choose another hydra.run.dir")
 
 
-def load_latest(ckpt_dir: str | os.PathLike, map_location="cpu") -> tuple[dict, Path] | None:
+# What Trainer._resume_state, Trainer._fit_stage and the early-stopping hook read from a checkpoint
+# without a default: a last.pt lacking one cannot resume a run, however well it loads.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "stage_index", "stage", "epoch", "step", "global_epoch",
+               "threshold", "rng", "best_metric", "bad_epochs")
+
+
+def load_latest(ckpt_dir: str | os.PathLike, map_location="cpu",
+                require: tuple[str, ...] = ()) -> tuple[dict, Path] | None:
     """(state, path) to resume from: last.pt, else last.prev.pt with a warning; None if neither exists.
 
-    Never a silent fresh start: when both files exist but neither loads, a DspError names them.
+    A file that loads but lacks one of the keys in `require` (the trainer: RESUME_KEYS) counts as
+    unreadable. Never a silent fresh start: when both files exist but neither loads, a DspError names them.
     """
     last = Path(ckpt_dir) / "last.pt"
     prev = previous_of(last)
@@ -127,6 +160,9 @@ def load_latest(ckpt_dir: str | os.PathLike, map_location="cpu") -> tuple[dict, 
     for path in (last, prev):
         try:
             state = load_checkpoint(path, map_location)
+            missing = [k for k in require if k not in state]
+            if missing:
+                raise UnreadableCheckpoint(path, f"no {', '.join(missing)} inside")
         except DspError as err:
             problems.append(f"{path} is unreadable ({err.reason})" if isinstance(err, UnreadableCheckpoint) else str(err))
             continue

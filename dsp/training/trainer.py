@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from dsp.errors import DspError
 from dsp.seed import set_seed
 from dsp.tasks import takes_rows, task_for
-from dsp.training.checkpoint import (load_checkpoint, load_latest, refuse_used_run_dir, rng_state, save_checkpoint,
-                                     set_rng_state, write_json)
+from dsp.training import run_folder
+from dsp.training.checkpoint import (RESUME_KEYS, load_checkpoint, load_latest, refuse_used_run_dir, rng_state,
+                                     save_checkpoint, set_rng_state, write_json)
 from dsp.training.config_checks import check_trainer
 from dsp.training.distributed import Single
 from dsp.training.ema import WeightAverage
@@ -225,13 +226,20 @@ class Trainer:
         if not self.cfg.resume:
             refuse_used_run_dir(self.run_dir)  # never overwrite a finished or running run
             return None
-        latest = load_latest(self.ckpt_dir, map_location=self.device)  # last.pt, or last.prev.pt
+        latest = load_latest(self.ckpt_dir, map_location=self.device, require=RESUME_KEYS)  # last.pt, or last.prev.pt
         if latest is None:
             if (self.run_dir / "metrics.json").is_file():
                 raise DspError(f"{self.run_dir} holds a finished run's metrics.json but no checkpoint to resume "
                                f"from; choose another hydra.run.dir rather than replace its results")
             return None  # nothing to resume yet: start the run
         state, last = latest
+        if isinstance(state.get("config"), dict):  # what it continues is what the checkpoint was trained with
+            try:
+                run_folder.refuse_changed_resume(state["config"], self.config_dict, last)
+            except DspError:
+                if self.main:  # a sweeper's job is checked only here, after Hydra rewrote .hydra/: put it back
+                    run_folder.restore_record(self.run_dir)
+                raise
         if state["stage_index"] >= len(self.stages) or state["stage"] != self.stages[state["stage_index"]].name:
             raise DspError(f"{last} was written by stage {state['stage']!r}, which this config's "
                            f"trainer.stages does not have at that position; resume with the run's own config")
@@ -264,6 +272,8 @@ class Trainer:
         self._time_spent_reported = False
         self.target_reached_s = None  # trainer.stop_at: wall time at which validation reached it
         resume = self._resume_state()
+        if self.main:  # this start is accepted: its .hydra record is the one a refused resume puts back
+            run_folder.keep_record(self.run_dir)
         if resume is not None:  # the clock and stop_at's verdict continue from the checkpoint
             self.fit_start -= resume.get("elapsed_s", 0.0)
             self.target_reached_s = resume.get("target_reached_s")
