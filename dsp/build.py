@@ -16,13 +16,18 @@ from dsp.training.stages import build_stages
 from dsp.training.checkpoint import load_checkpoint
 
 
+def data_dims(data) -> dict:
+    """The data's sizes the model's YAML reads through ${dims.*}: features, labels and the size of
+    every vocabulary (words, pos, chars for text) as dims.num_words, dims.num_pos, ..."""
+    dims = {"num_features": data.num_features, "num_labels": data.num_labels}
+    dims.update({f"num_{name}": len(items) for name, items in (data.vocab or {}).items()})
+    return dims
+
+
 def build_data(cfg: DictConfig):
     data = instantiate(cfg.data, "data")
-    dims = {"num_features": data.num_features, "num_labels": data.num_labels}
-    # vocabularies (words, pos, chars for text): their sizes as dims.num_words, dims.num_pos, ...
-    dims.update({f"num_{name}": len(items) for name, items in (data.vocab or {}).items()})
-    with open_dict(cfg):  # the model's YAML reads the sizes through ${dims.*}
-        cfg.dims = dims
+    with open_dict(cfg):
+        cfg.dims = data_dims(data)
     return data
 
 
@@ -95,7 +100,16 @@ class LoadedRun:
     checkpoint: dict
 
     def data(self):
-        return instantiate(self.config.data, "data")
+        """The run's data (with any +set.data changes); refused when its sizes are not the ones the
+        model was trained with."""
+        data = instantiate(self.config.data, "data")
+        trained = OmegaConf.to_container(self.config.dims) if "dims" in self.config else {}
+        other = {k: (v, trained[k]) for k, v in data_dims(data).items() if k in trained and trained[k] != v}
+        if other:
+            sizes = ", ".join(f"{k}={now} (the model: {then})" for k, (now, then) in other.items())
+            raise DspError(f"the data this run is evaluated on does not fit its model: {sizes}; evaluate on data "
+                           f"with the sizes it was trained on")
+        return data
 
 
 def _dotted(tree, prefix: str = ""):
