@@ -21,8 +21,8 @@ from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training import distributed
 from dsp.training import run_folder
 from dsp.training.checkpoint import load_latest, refuse_used_run_dir
-from dsp.training.config_checks import check_seed, check_trainer
-from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted
+from dsp.training.config_checks import check_settings, check_trainer
+from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted, hand_on
 from dsp.training.trainer import Trainer, resolve_device
 
 
@@ -70,10 +70,11 @@ class GuardUsedFolders(Callback):
         def check():
             if int(os.environ.get("RANK", 0)) == 0:  # torchrun: rank 0 holds the folder for all ranks
                 run_folder.hold(config.hydra.sweep.dir if multirun else config.hydra.run.dir)
-            if resume and not multirun:
-                refuse_changed_resume_of(Path(config.hydra.run.dir), config)
-            if not resume:
-                for folder in folders():
+            for folder in folders():  # a preempted or requeued run continues by itself
+                if resume or run_folder.continues(folder):
+                    if not multirun:
+                        refuse_changed_resume_of(folder, config)
+                else:
                     refuse_used_run_dir(folder)
 
         where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -144,7 +145,7 @@ def _interrupted() -> None:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one run into `run_dir` and return its final metrics (also usable without the CLI).
     With trainer.strategy=ddp (under torchrun) every rank calls this; rank 0's run_dir is used."""
-    check_seed(cfg.seed)
+    check_settings(cfg)
     check_trainer(cfg.trainer)
     dist = distributed.setup(cfg.trainer.get("strategy"), cfg.trainer.device)
     try:
@@ -196,6 +197,7 @@ def _main(cfg: DictConfig) -> float:
     except Preempted as stop:  # the whole process is going away: a sweep stops here too
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"stopped: {stop}", file=sys.stderr)
+        hand_on(stop.signum)  # submitit's handler, when there is one, requeues the job and exits
         sys.exit(PREEMPTED)
     except Exception as err:  # noqa: BLE001 -- a DspError, or a bug that only one job's settings hit
         if hydra_cfg.mode != RunMode.MULTIRUN:

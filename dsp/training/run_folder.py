@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from dsp.errors import DspError
 
 LOCK_NAME = ".dsp.lock"
+PREEMPTED = "preempted.json"  # checkpoints/preempted.json: the run stopped on a signal and has not finished
 RECORD_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")
 RECORD_COPY = "accepted"  # .hydra/accepted/: the record of the run's last accepted start
 
@@ -80,6 +81,32 @@ def release(run_dir) -> None:
 
 def is_lock(path: Path) -> bool:
     return path.name == LOCK_NAME
+
+
+# ------------------------------------------------------------------------- runs that continue
+def requeued() -> bool:
+    """Slurm requeued this job (scontrol requeue, a preemption with --requeue, submitit's requeue)."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
+
+
+def mark_preempted(run_dir, signal_name: str, step: int) -> None:
+    from dsp.training.checkpoint import write_json  # (checkpoint imports nothing of this module)
+
+    write_json({"signal": signal_name, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")},
+               Path(run_dir) / "checkpoints" / PREEMPTED)
+
+
+def clear_preempted(run_dir) -> None:
+    (Path(run_dir) / "checkpoints" / PREEMPTED).unlink(missing_ok=True)
+
+
+def continues(run_dir) -> bool:
+    """A start into `run_dir` continues the run there without trainer.resume=true: the run stopped
+    on a preemption signal (SIGTERM, SIGUSR2) after saving and has not finished, or Slurm requeued
+    this job. Whatever launcher starts the same job again (submitit's requeue, Slurm's, a shell
+    loop), it resumes; its settings are checked as any resume's."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    return (checkpoints / "last.pt").is_file() and ((checkpoints / PREEMPTED).is_file() or requeued())
 
 
 # ------------------------------------------------------------------------------ resume checks

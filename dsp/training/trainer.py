@@ -212,18 +212,20 @@ class Trainer:
             save_checkpoint(state, self.ckpt_dir / name, **kwargs)
 
     def _save_last(self, state: dict) -> None:
-        """Write last.pt, then stop here if SIGTERM asked for it (this is a safe point)."""
+        """Write last.pt, then stop here if a preemption signal asked for it (this is a safe point)."""
         self._save(state, "last.pt", keep_previous=True)
         if self.dist.any(self._stop.requested):  # every rank stops here if any rank was asked to
+            if self.main:  # the next start of this job into this folder continues it (run_folder.continues)
+                run_folder.mark_preempted(self.run_dir, self._stop.signal_name, self.step)
             where = (f"{state['epoch_offset']} examples into epoch {state['epoch'] + 1}" if state["epoch_offset"]
                      else f"after epoch {state['epoch']}")
             raise Preempted(
-                f"SIGTERM received: saved {self.ckpt_dir / 'last.pt'} at stage {state['stage']!r}, {where} "
-                f"(step {self.step}); continue with trainer.resume=true hydra.run.dir={self.run_dir}"
-            )
+                f"{self._stop.signal_name} received: saved {self.ckpt_dir / 'last.pt'} at stage {state['stage']!r}, "
+                f"{where} (step {self.step}); continue with trainer.resume=true hydra.run.dir={self.run_dir}",
+                self._stop.signum)
 
     def _resume_state(self):
-        if not self.cfg.resume:
+        if not self.cfg.resume and not run_folder.continues(self.run_dir):  # (a preempted or requeued run does)
             refuse_used_run_dir(self.run_dir)  # never overwrite a finished or running run
             return None
         latest = load_latest(self.ckpt_dir, map_location=self.device, require=RESUME_KEYS)  # last.pt, or last.prev.pt
@@ -295,8 +297,8 @@ class Trainer:
                     break  # max_steps / max_time_s spent: a later stage would only re-validate its baseline
                 self._fit_stage(i, writer, resume if i == first_stage else None)
             self._stop.stop_at_once(
-                f"SIGTERM received after training, before the final evaluation ended: the checkpoints are "
-                f"complete; write metrics.json with trainer.resume=true hydra.run.dir={self.run_dir}, or "
+                f"a preemption signal came after training, before the final evaluation ended: the checkpoints "
+                f"are complete; write metrics.json with trainer.resume=true hydra.run.dir={self.run_dir}, or "
                 f"evaluate with dsp-eval run_dir={self.run_dir}")
             metrics = None
             if self.main:  # ranks > 0 hold the same model; rank 0 evaluates it and tells them
@@ -312,6 +314,7 @@ class Trainer:
             metrics = self.dist.broadcast_object(metrics)
         if self.main:
             write_json(metrics, self.run_dir / "metrics.json")
+            run_folder.clear_preempted(self.run_dir)  # finished: a new start here is refused again
         return metrics
 
     def _fit_stage(self, index: int, writer: SummaryWriter, resume: dict | None) -> None:
