@@ -2,7 +2,7 @@
 
 A module may import from its own layer and the layers listed before it, never from a later one:
 
-    base        errors, instantiate, seed, metrics, interfaces   (no dsp imports but each other)
+    base        errors, instantiate, seed, metrics, interfaces, schema   (no dsp imports but each other)
     data        loaders, caches, augmentation of raw inputs
     nn          building blocks (MLP, LeNet, UNet, text encoders, eval_mode)
     inference   routines and the potentials they consume (chain, message passing, CG, gradient)
@@ -18,7 +18,7 @@ Data flows the same way: nothing below knows what sits above it.
 from __future__ import annotations
 
 LAYERS: list[tuple[str, ...]] = [
-    ("dsp.errors", "dsp.instantiate", "dsp.seed", "dsp.metrics", "dsp.interfaces", "dsp.architecture"),
+    ("dsp.errors", "dsp.instantiate", "dsp.seed", "dsp.metrics", "dsp.interfaces", "dsp.architecture", "dsp.schema"),
     ("dsp.data",),
     ("dsp.nn",),
     ("dsp.inference",),

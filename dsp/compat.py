@@ -3,8 +3,10 @@ data is loaded or any file written.
 
 `check_config(cfg)` reads the `_target_` classes of data, model, inference, objective and the
 training stages, and refuses a combination that cannot work in one line: the two parts, the missing
-capability and the shipped choices that would fit instead. `check_built(...)` repeats what only a
-built model can tell (e.g. a ReLU in a part an unrolled objective differentiates twice).
+capability and the shipped choices that would fit instead; before that, every setting of a composed
+config is checked by key against its part's declared type and range (dsp.schema.check_settings).
+`check_built(...)` repeats what only a built model can tell (e.g. a ReLU in a part an unrolled
+objective differentiates twice).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsp import interfaces as I
 from dsp.errors import DspError
+from dsp.schema import check_settings
 from dsp.training.scaling import scaling_settings
 
 GROUPS = ("data", "model", "inference", "objective")
@@ -267,7 +270,11 @@ def data_class(tree: Mapping):
 
 
 def check_config(cfg, choices: Mapping[str, str] | None = None) -> None:
-    """Refuse a config whose parts cannot work together (see the module docstring)."""
+    """Refuse a config whose parts cannot work together (see the module docstring). A composed config
+    (a DictConfig) has its settings checked by key first (dsp.schema: types, ranges, unknown keys),
+    so that the declarations below read values of the declared types."""
+    if isinstance(cfg, DictConfig):  # (matrix() passes plain trees of the shipped options)
+        check_settings(cfg)
     choices = dict(_choices(cfg) if choices is None else choices)
     tree = _tree(cfg)
     data = data_class(tree)

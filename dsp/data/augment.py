@@ -20,11 +20,13 @@ and crops alone shift the horse but never change its size or pose.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 from dsp.errors import DspError
+from dsp.schema import Check
 
 KEYS = ("scale", "rotate", "translate", "brightness", "contrast")
 # (scale's limit is exclusive: a zoom factor of 0; a shift beyond half the side leaves mostly border)
@@ -54,6 +56,10 @@ def augment_settings(augment) -> dict[str, float]:
             raise DspError(f"data.augment.{key}={value} is out of range: use 0 (off) ≤ {key} "
                            f"{'<' if key == 'scale' else '≤'} {limit:g}")
     return out
+
+
+# data.augment: a mapping of KEYS to magnitudes (or null), checked by augment_settings at start-up.
+AugmentSettings = Annotated[dict | None, Check(augment_settings)]
 
 
 def _uniform(b: int, magnitude: float, device) -> torch.Tensor:

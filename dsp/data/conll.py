@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 from dsp.data.sequences import TokenSequenceSplits, pad_sequences
 from dsp.data.splits import holdout
 from dsp.errors import DspError
+from dsp.schema import Count, OpenFraction, Size
 
 PAD, UNK = "<pad>", "<unk>"
 UNK_ID = 1  # every vocabulary starts [PAD, UNK, ...]; out-of-vocabulary tokens get this id
@@ -71,9 +72,9 @@ def _vocab(counts: Counter, min_count: int = 1) -> list[str]:
 def load_conll2000(
     train: str | os.PathLike,
     test: str | os.PathLike,
-    val_fraction: float = 0.2,
-    split_seed: int = 0,
-    min_count: int = 1,
+    val_fraction: OpenFraction = 0.2,
+    split_seed: Count = 0,
+    min_count: Size = 1,
     lowercase: bool = False,
 ) -> TokenSequenceSplits:
     """Load CoNLL-2000: x int64 `[N, T, 2 + C]`, y int64 `[N, T]` tag indices (-1 = padding).

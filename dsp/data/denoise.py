@@ -32,6 +32,7 @@ from dsp.data.images import EXTENSIONS, _images_in
 from dsp import interfaces as I
 from dsp.data.splits import NamedSplits
 from dsp.errors import DspError
+from dsp.schema import Count, Positive, Size
 
 
 @dataclass
@@ -127,9 +128,10 @@ def _noisy_pairs(imgs: dict[int, np.ndarray], index: list[int], crop, sigma: flo
     return TensorDataset(clean + sigma * noise, clean)
 
 
-def load_denoise_images(root: str | os.PathLike, subdir: str = "rgb", crop=(96, 128), train=(1, 200),
-                        val=(171, 200), val_holdout: bool = False, test=(201, 328), sigma: float = 25 / 255,
-                        noise_seed: int = 0) -> DenoiseSplits:
+def load_denoise_images(root: str | os.PathLike, subdir: str = "rgb", crop: tuple[Size, Size] = (96, 128),
+                        train: tuple[Size, Size] = (1, 200), val: tuple[Size, Size] | None = (171, 200),
+                        val_holdout: bool = False, test: tuple[Size, Size] = (201, 328), sigma: Positive = 25 / 255,
+                        noise_seed: Count = 0) -> DenoiseSplits:
     """Load ROOT/SUBDIR as grayscale denoising splits; crop = (height, width), sigma on the [0, 1] scale."""
     folder = Path(root) / (subdir or "")
     if not folder.is_dir():

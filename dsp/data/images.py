@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ from torch.utils.data import TensorDataset
 from dsp import interfaces as I
 from dsp.data.splits import NamedSplits
 from dsp.errors import DspError
-from dsp.data.augment import augment_settings, geometric
+from dsp.data.augment import AugmentSettings, augment_settings, geometric
+from dsp.schema import Size
 
 IMAGE_DIR, MASK_DIR = "rgb", "figure_ground"
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -168,10 +170,12 @@ def _crop_settings(size: int, crop, flip, test_crops, combine) -> dict:
     return {"crop": crop, "flip": bool(flip), "test_crops": test_crops, "combine": combine}
 
 
-def load_horses(root: str | os.PathLike, size: int = 32, train=(1, 200), test=(201, 328), val=(171, 200),
-                grayscale: bool = False, val_holdout: bool = True, crop: int | None = None, flip: bool = False,
-                test_crops: int | None = None, combine: str = "average", augment=None,
-                warp_source_scale: int = 1, jpeg_draft: bool = False) -> ImageMaskSplits:
+def load_horses(root: str | os.PathLike, size: Size = 32, train: tuple[Size, Size] = (1, 200),
+                test: tuple[Size, Size] = (201, 328), val: tuple[Size, Size] | None = (171, 200),
+                grayscale: bool = False, val_holdout: bool = True, crop: Size | None = None, flip: bool = False,
+                test_crops: Size | None = None, combine: Literal["average", "joint"] = "average",
+                augment: AugmentSettings = None, warp_source_scale: Size = 1,
+                jpeg_draft: bool = False) -> ImageMaskSplits:
     """Load an rgb/ + figure_ground/ folder pair, resized to size×size (bilinear; masks thresholded)."""
     if int(size) < 1:
         raise DspError(f"data.size must be >= 1, got {size}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from typing import Literal
 from pathlib import Path
 
 import arff
@@ -17,6 +18,7 @@ from torch.utils.data import TensorDataset
 from dsp.data.cache import cached_arrays
 from dsp.data.splits import MultiLabelSplits, holdout
 from dsp.errors import DspError
+from dsp.schema import Count, OpenFraction, Positive, Size
 
 DOWNLOAD_HINT = (
     "Point paths.data_dir (or the DSP_DATA_DIR environment variable) at the folder that holds "
@@ -131,12 +133,12 @@ def load_mulan(
     train: str,
     test: str | None,
     labels_xml: str | None = None,
-    num_labels: int | None = None,
-    label_position: str = "end",
-    val_fraction: float = 0.2,
-    split_seed: int = 0,
+    num_labels: Size | None = None,
+    label_position: Literal["end", "start"] = "end",
+    val_fraction: OpenFraction = 0.2,
+    split_seed: Count = 0,
     cache_dir: str | None = None,
-    test_size: float | int | None = None,
+    test_size: Positive | None = None,  # a count (>= 1) or a fraction of the examples
     standardize: bool = False,
 ) -> MultiLabelSplits:
     """Load a Mulan dataset: official train/test files, validation carved from train.

@@ -18,6 +18,7 @@ import gzip
 import os
 import zlib
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -25,12 +26,14 @@ from torch.utils.data import TensorDataset
 
 from dsp.data.sequences import SequenceSplits, pad_sequences
 from dsp.errors import DspError
-from dsp.data.augment import augment_settings
+from dsp.data.augment import AugmentSettings, augment_settings
+from dsp.schema import Range
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HEIGHT, WIDTH = 16, 8
 NUM_PIXELS = HEIGHT * WIDTH
 NUM_FOLDS = 10
+Fold = Annotated[int, Range(0, NUM_FOLDS - 1)]  # data.test_fold, data.val_fold
 FIELDS = "id, letter, next_id, word_id, position, fold"
 DOWNLOAD_HINT = (
     "Fetch it with `python scripts/download.py ocr --data-dir DIR`, or point paths.data_dir (or the "
@@ -86,7 +89,8 @@ def parse_letters(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.n
     return np.array(header, dtype=np.int64), pix, np.array(line_numbers)
 
 
-def load_ocr(path: str | os.PathLike, test_fold: int = 1, val_fold: int = 0, augment=None) -> SequenceSplits:
+def load_ocr(path: str | os.PathLike, test_fold: Fold = 1, val_fold: Fold = 0,
+             augment: AugmentSettings = None) -> SequenceSplits:
     """Load the OCR words: x float32 `[N, T, 16, 8]` (zero-padded), y int64 `[N, T]` letters 0..25
     (-1-padded). All splits share T, the longest word in the file. `augment`: training letter
     warps (module docstring)."""

@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 
 from dsp.data.splits import MultiLabelSplits
 from dsp.errors import DspError
+from dsp.schema import Count, Size
 
 
 def block_exclusive_labels(z: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -22,13 +23,13 @@ def block_exclusive_labels(z: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def make_block_exclusive(
-    num_train: int = 1500,
-    num_val: int = 500,
-    num_test: int = 10000,
-    num_features: int = 64,
-    num_labels: int = 16,
-    block_size: int = 4,
-    seed: int = 0,
+    num_train: Size = 1500,
+    num_val: Size = 500,
+    num_test: Size = 10000,
+    num_features: Size = 64,
+    num_labels: Size = 16,
+    block_size: Size = 4,
+    seed: Count = 0,
 ) -> MultiLabelSplits:
     """Generate the synthetic task; validation and test are fresh draws from the same process."""
     if num_labels % block_size:

@@ -39,6 +39,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import h5py
 import numpy as np
@@ -51,6 +52,7 @@ from dsp.data.hdf5_stream import SPLITS, write_splits_h5
 from dsp.data.ocr import DOWNLOAD_HINT, HEIGHT, LETTERS, WIDTH, parse_letters
 from dsp.data.sequences import SequenceSplits
 from dsp.errors import DiskError, DspError
+from dsp.schema import Count, Fraction, NonNegative, Positive, Range, Size
 
 FORMAT_VERSION = 1  # bump when the generator changes: old cache entries are then ignored
 SIZE = 28
@@ -238,20 +240,20 @@ def load_word50(
     ocr_path: str | os.PathLike,
     horses_dir: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    num_words: int = 50,
-    word_length: int = 5,
-    train_size: int = 10000,
-    val_size: int = 2000,
-    test_size: int = 2000,
+    seed: Count = 0,
+    num_words: Size = 50,
+    word_length: Size = 5,
+    train_size: Size = 10000,
+    val_size: Size = 2000,
+    test_size: Size = 2000,
     stream: bool = False,
-    val_fold: int = 1,
-    test_fold: int = 0,
-    max_rotation: float = 20.0,
-    scale: tuple[float, float] = (0.85, 1.15),
-    max_shift: float = 2.0,
-    opacity: tuple[float, float] = (0.6, 1.0),
-    background_max: float = 0.6,
+    val_fold: Annotated[int, Range(0, 9)] = 1,  # an OCR fold
+    test_fold: Annotated[int, Range(0, 9)] = 0,
+    max_rotation: NonNegative = 20.0,
+    scale: tuple[Positive, Positive] = (0.85, 1.15),
+    max_shift: NonNegative = 2.0,
+    opacity: tuple[Fraction, Fraction] = (0.6, 1.0),
+    background_max: Fraction = 0.6,
 ) -> Word50Splits:
     """Generate (or read from the cache) Word50; see the module docstring. cache_dir None: the
     default cache folder; '': generate in memory every time (then `stream` is unavailable)."""

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from dsp import interfaces as I
+from dsp.inference.full_precision import full_precision
 from dsp.inference.gradient import InferenceResult
 
 
@@ -110,6 +111,7 @@ class _PottsSolve(torch.autograd.Function):
         return g, grad_emb, grad_lam, None, None
 
 
+@full_precision  # fp32 under bf16/fp16 autocast: CG's residual tests (tol 1e-5) and its backward solve
 def potts_solve(unary: torch.Tensor, emb: torch.Tensor, lam_eff: torch.Tensor, tol: float = 1e-5,
                 max_iter: int = 100):
     """Differentiable d* = (λ_eff I - A Aᵀ)⁻¹ U for a given λ_eff [B] (which must exceed
@@ -122,6 +124,7 @@ def potts_solve(unary: torch.Tensor, emb: torch.Tensor, lam_eff: torch.Tensor, t
     return d, int(stats[0]), bool(stats[1])
 
 
+@full_precision  # fp32 before λ_eff is formed: λ_eff - λ_max(AAᵀ) (the smallest eigenvalue) is a small difference
 def gcrf_solve(unary: torch.Tensor, emb: torch.Tensor, lam: float, tol: float = 1e-5, max_iter: int = 100,
                margin: float = 0.0):
     """Differentiable d* = (λ_eff I - A Aᵀ)⁻¹ U for unary U [B, P] and embeddings A [B, P, D], with

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from dsp.inference.full_precision import full_precision
+
 
 def mask_from_lengths(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """True at valid positions -> [B, T] bool."""
@@ -73,6 +75,7 @@ def _edge(pairwise: torch.Tensor, j: int) -> torch.Tensor:
     return pairwise if pairwise.dim() == 2 else pairwise[:, j]
 
 
+@full_precision  # fp32 under bf16/fp16 autocast: a sum of T scores loses whole units in bfloat16
 def sequence_score(labels, unary, pairwise, lengths) -> torch.Tensor:
     """s(y) of the given labellings (Eq. 1), padding ignored -> [B]."""
     lengths, mask = _check(unary, pairwise, lengths)
@@ -107,6 +110,7 @@ def _log_matmul_step(alpha: torch.Tensor, exp_edge: torch.Tensor, shift: torch.T
     return torch.log(s) + top + shift
 
 
+@full_precision  # fp32 under bf16/fp16 autocast: the exp-space products and log Z - s(y) need float32
 def log_partition(unary, pairwise, lengths) -> torch.Tensor:
     """log Z = log Σ_y exp s(y) by the forward algorithm -> [B].
 
@@ -131,6 +135,7 @@ def log_partition(unary, pairwise, lengths) -> torch.Tensor:
     return torch.logsumexp(alpha, dim=-1)  # [B]
 
 
+@full_precision  # fp32 leaves, so the marginals (gradients of log Z) are float32 too
 def _grad_log_partition(unary, pairwise, lengths, wrt_unary: bool):
     """∂ log Z / ∂unary (or ∂pairwise): exact marginals.
 
@@ -168,6 +173,7 @@ def pairwise_marginals(unary, pairwise, lengths) -> torch.Tensor:
     return _grad_log_partition(unary, pairwise, lengths, wrt_unary=False)  # [B, T-1, K, K]
 
 
+@full_precision  # fp32 under bf16/fp16 autocast: max-sums over T positions, ties broken by rounding otherwise
 def viterbi(unary, pairwise, lengths):
     """MAP labelling by max-product -> (labels [B, T] int64, -1 padded; score [B]).
 

@@ -5,6 +5,8 @@ objective (MAP for likelihood and SSVM, marginals for the cross-entropies), so s
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from dsp import interfaces as I
@@ -12,15 +14,17 @@ from dsp.errors import DspError
 from dsp.inference import chain
 from dsp.inference.gradient import InferenceResult
 from dsp.inference.mean_field import mean_field_marginals
+from dsp.schema import Count
 
-METHODS = ("viterbi", "marginals", "mean_field", "unary")
+Method = Literal["viterbi", "marginals", "mean_field", "unary"]
+METHODS = get_args(Method)
 
 
 class ChainDecoding(I.Inference):
     outputs = frozenset({I.SEQUENCE})
     needs = frozenset({I.CHAIN_POTENTIALS})
 
-    def __init__(self, method: str = "auto", mean_field_sweeps: int = 5):
+    def __init__(self, method: Literal["auto"] | Method = "auto", mean_field_sweeps: Count = 5):
         if method not in METHODS + ("auto",):
             raise DspError(f"inference.method={method!r}: choose one of auto, {', '.join(METHODS)}")
         self.method, self.sweeps = method, mean_field_sweeps

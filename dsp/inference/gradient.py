@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Annotated, Callable, Literal, get_args
 
 import torch
 
 from dsp import interfaces as I
 from dsp.errors import DspError
+from dsp.inference.full_precision import full_precision
+from dsp.schema import Count, Fraction, NonNegative, Positive, Range, Rate, SettingsOf, Size
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # ȳ [B, L] -> objective [B]
 ValueAndGradFn = Callable[[torch.Tensor], tuple]  # ȳ [B, L] -> (objective [B], ∂objective/∂ȳ [B, L])
-GRADIENTS = ("auto", "analytic", "autograd")
+Gradient = Literal["auto", "analytic", "autograd"]
+GRADIENTS = get_args(Gradient)
 
 
 @dataclass
@@ -115,25 +118,26 @@ class GradientInference(I.Inference):
 
     def __init__(
         self,
-        method: str = "mirror",
-        lr: float = 0.1,
-        momentum: float = 0.95,
-        max_iter: int = 100,
-        rel_tol: float = 1e-4,
-        abs_tol: float = 1e-3,
-        stop_fraction: float = 1.0,
-        init: str = "local",
-        init_value: float = 0.5,
-        entropy_temperature: float = 0.0,
-        check_every: int = 1,
-        restarts: int = 0,
-        restart_seed: int = 0,
-        anneal_temperature: float = 0.0,
-        anneal_iters: int = 0,
-        eps: float = 1e-6,
-        gradient: str = "auto",
-        output: str = "auto",
-        predict: dict | None = None,
+        method: Literal["mirror", "projected"] = "mirror",
+        lr: Positive = 0.1,
+        momentum: Rate = 0.95,
+        max_iter: Size = 100,
+        rel_tol: NonNegative = 1e-4,
+        abs_tol: NonNegative = 1e-3,
+        stop_fraction: Annotated[float, Range(0, 1, inclusive=False, high_inclusive=True)] = 1.0,
+        init: Literal["local", "constant"] = "local",
+        init_value: Fraction = 0.5,
+        entropy_temperature: NonNegative = 0.0,
+        check_every: Size = 1,
+        restarts: Count = 0,
+        restart_seed: Count = 0,
+        anneal_temperature: NonNegative = 0.0,
+        anneal_iters: Count = 0,
+        eps: Positive = 1e-6,
+        gradient: Gradient = "auto",
+        output: Literal["auto", "sigmoid", "softmax"] = "auto",
+        # overrides of the settings above used only when predicting
+        predict: Annotated[dict | None, SettingsOf(GradientInference, exclude=("predict",))] = None,
     ):
         if method not in ("mirror", "projected"):
             raise DspError(f"inference.method={method!r}: choose 'mirror' or 'projected'")
@@ -177,6 +181,9 @@ class GradientInference(I.Inference):
         """Rows of ȳ on the simplex (output=softmax, or auto on label-distribution models)."""
         return self.output == "softmax" or (self.output == "auto" and model.relaxation == "simplex")
 
+    # ȳ, the mirror-descent iterate, the momentum and the convergence tests (rel_tol 1e-4 is finer than
+    # bfloat16's resolution) in float32 under trainer.precision=bf16|fp16, the energy's networks too
+    @full_precision
     def __call__(self, model, feats, augment: EnergyFn | None = None, y0=None, train: bool = False):
         """Minimise E(ȳ) [- augment(ȳ)] for a batch; `train=True` drops the prediction-time
         settings (entropy smoothing and the `predict` overrides)."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dsp.inference.chain import _check, _clean
+from dsp.inference.full_precision import full_precision
 
 
 def _neighbour_messages(q: torch.Tensor, pairwise: torch.Tensor) -> torch.Tensor:
@@ -25,6 +26,7 @@ def _neighbour_messages(q: torch.Tensor, pairwise: torch.Tensor) -> torch.Tensor
     return F.pad(from_right, (0, 0, 0, 1)) + F.pad(from_left, (0, 0, 1, 0))  # [B, T, K]
 
 
+@full_precision  # fp32 under bf16/fp16 autocast: softmax of accumulated messages, sweep after sweep
 def mean_field_marginals(unary, pairwise, lengths, sweeps: int = 5, init=None) -> torch.Tensor:
     """Approximate unary marginals q -> [B, T, K] (zero at padded positions), differentiable.
 

@@ -20,13 +20,16 @@ Bethe numbers c_r = 1 − deg(r) make this sum-product belief propagation, exact
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from dsp import interfaces as I
 from dsp.errors import DspError
+from dsp.inference.full_precision import full_precision
 from dsp.inference.gradient import InferenceResult
 from dsp.inference.region_graph import RegionGraph
+from dsp.schema import Count, NonNegative
 
 
 @dataclass
@@ -121,6 +124,7 @@ def update_colour(pot: MRFPotentials, lam: list, blocks, counts: CountingNumbers
         lam[blk.group][:, blk.factors, blk.slot] = new
 
 
+@full_precision  # fp32 under bf16/fp16 autocast: messages are differences of log-sum-exps
 def sweep(pot: MRFPotentials, lam: list, counts: CountingNumbers, iterations: int = 1) -> list:
     """`iterations` passes over all colours, in place on (a copy of) the messages."""
     lam = [m.clone() for m in lam]
@@ -130,6 +134,7 @@ def sweep(pot: MRFPotentials, lam: list, counts: CountingNumbers, iterations: in
     return lam
 
 
+@full_precision
 def variable_scores(pot: MRFPotentials, lam: list, counts: CountingNumbers) -> torch.Tensor:
     """θ_r + Σ_p μ_{p→r} for every variable -> [B, N, K]."""
     t_c = counts.epsilon * counts.factors
@@ -142,6 +147,7 @@ def variable_scores(pot: MRFPotentials, lam: list, counts: CountingNumbers) -> t
     return scores
 
 
+@full_precision
 def variable_beliefs(pot: MRFPotentials, lam: list, counts: CountingNumbers) -> torch.Tensor:
     """b_r ∝ exp((θ_r + Σ μ) / (ε C_r)) -> [B, N, K] (one-hot argmax when ε = 0)."""
     scores = variable_scores(pot, lam, counts)
@@ -151,6 +157,7 @@ def variable_beliefs(pot: MRFPotentials, lam: list, counts: CountingNumbers) -> 
     return torch.softmax(scores / (counts.epsilon * total)[:, None], dim=-1)
 
 
+@full_precision  # fp32: the dual sums log-sum-exps over all factors
 def dual(pot: MRFPotentials, lam: list, counts: CountingNumbers) -> torch.Tensor:
     """The dual of Eq. 5 (without −F(w)) per example -> [B]. Differentiable in the potentials;
     needs c_r >= 0 (it is an upper bound on the approximate ε ln Z only then)."""
@@ -170,6 +177,7 @@ def dual(pot: MRFPotentials, lam: list, counts: CountingNumbers) -> torch.Tensor
     return out + per_var.sum(1)
 
 
+@full_precision  # fp32: a sum over all variables and factors
 def score_labels(pot: MRFPotentials, y: torch.Tensor) -> torch.Tensor:
     """F(x, y) = Σ_r f_r(x, y_r) for labels y [B, N] (int) -> [B]."""
     out = pot.unary.gather(2, y.unsqueeze(-1)).squeeze(-1).sum(1)
@@ -182,6 +190,7 @@ def score_labels(pot: MRFPotentials, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@full_precision
 def relaxed_score(pot: MRFPotentials, q: torch.Tensor) -> torch.Tensor:
     """The multilinear extension of F: Σ_r q_r·θ_r + Σ_p Σ_{y_p} θ_p(y_p) Π_{r∈p} q_r(y_r) for
     per-variable distributions q [B, N, K] -> [B]; equals score_labels at one-hot q."""
@@ -208,8 +217,10 @@ class MessagePassing(I.Inference):
     outputs = frozenset({I.SEQUENCE, I.MULTILABEL})
     needs = frozenset({I.REGION_POTENTIALS})
 
-    def __init__(self, iterations: int = 20, epsilon: float = 1.0, counting_variables="1.0",
-                 counting_factors: float = 1.0, decode: str = "beliefs", output: str = "labels", tol: float = 0.0):
+    def __init__(self, iterations: Count = 20, epsilon: NonNegative = 1.0,
+                 counting_variables: float | Literal["bethe"] = 1.0, counting_factors: NonNegative = 1.0,
+                 decode: Literal["beliefs", "viterbi"] = "beliefs", output: Literal["labels", "probability"] = "labels",
+                 tol: NonNegative = 0.0):
         if decode not in ("beliefs", "viterbi"):
             raise DspError(f"inference.decode={decode!r}: choose beliefs or viterbi")
         if output not in ("labels", "probability"):
@@ -220,6 +231,7 @@ class MessagePassing(I.Inference):
     def counts(self, graph: RegionGraph, device) -> CountingNumbers:
         return CountingNumbers.make(graph, self.counting_variables, self.counting_factors, self.epsilon, device)
 
+    @full_precision
     @torch.no_grad()
     def __call__(self, model, pot: MRFPotentials, lengths=None) -> InferenceResult:
         counts = self.counts(pot.graph, pot.unary.device)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Literal, Sequence, get_args
 
 import torch
 
 from dsp.errors import DspError
+from dsp.schema import Count
 
-GRAPH_KINDS = ("chain", "chain2", "full", "list", "none")
+GraphKind = Literal["chain", "chain2", "full", "list", "none"]
+GRAPH_KINDS = get_args(GraphKind)
 
 
 @dataclass
@@ -62,7 +65,8 @@ class RegionGraph:
         )
 
 
-def build_graph(num_variables: int, kind: str = "chain", factors=None, share: bool = True) -> RegionGraph:
+def build_graph(num_variables: int, kind: GraphKind = "chain", factors: Sequence[Sequence[Count]] | None = None,
+                share: bool = True) -> RegionGraph:
     """chain: edges i–i+1; chain2: i–i+1 and i–i+2 (second-order Markov); full: every pair;
     list: `factors`, a list of variable tuples of any arity ≥ 2; none: unaries only.
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,10 @@ from torch import nn
 from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.inference.energy_gradient import MODES, energy_gradient
+from dsp.schema import NonNegative, Positive, Rate, Size
 
-PARAMETERISATIONS = ("logit", "mirror", "projected", "unconstrained")
+Parameterisation = Literal["logit", "mirror", "projected", "unconstrained"]
+PARAMETERISATIONS = get_args(Parameterisation)
 
 
 @dataclass
@@ -83,21 +85,21 @@ class UnrolledGradientDescent(nn.Module, I.Inference):
 
     def __init__(
         self,
-        steps: int = 10,
-        lr: float | list[float] = 0.1,
-        momentum: float = 0.0,
+        steps: Size = 10,
+        lr: Positive | list[Positive] = 0.1,
+        momentum: Rate = 0.0,
         learn_lr: bool = False,
         learn_momentum: bool = False,
-        parameterisation: str = "logit",
-        output: str = "auto",
-        entropy_temperature: float = 0.0,
-        init: str = "local",
+        parameterisation: Parameterisation = "logit",
+        output: Literal["auto", "sigmoid", "softmax"] = "auto",
+        entropy_temperature: NonNegative = 0.0,
+        init: Literal["local", "constant"] = "local",
         init_value: float = 0.5,
-        converge_tol: float = 0.0,
-        hessian: str = "autograd",
+        converge_tol: NonNegative = 0.0,
+        hessian: Literal["autograd", "finite_difference"] = "autograd",
         checkpoint: bool = False,
-        fd_eps: float = 1e-3,
-        eps: float = 1e-6,
+        fd_eps: Positive = 1e-3,
+        eps: Positive = 1e-6,
     ):
         super().__init__()
         if steps < 1:

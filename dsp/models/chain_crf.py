@@ -16,6 +16,7 @@ from torch import nn
 
 from dsp import interfaces as I
 from dsp.nn.modes import eval_mode
+from dsp.schema import NonNegative, Positive, Size
 
 
 @dataclass
@@ -51,8 +52,8 @@ class ChainCRF(I.Model):
                           I.VALUE})
     relaxation = "simplex"  # relaxed labels: a distribution over the K labels per position
 
-    def __init__(self, num_labels: int, unary_net: nn.Module, unary_scale: float = 1.0,
-                 normalise: bool = False, pairwise_init_std: float = 0.01, eps: float = 1e-6):
+    def __init__(self, num_labels: Size, unary_net: nn.Module, unary_scale: Positive = 1.0,
+                 normalise: bool = False, pairwise_init_std: NonNegative = 0.01, eps: Positive = 1e-6):
         super().__init__()
         self.num_labels, self.normalise, self.eps = num_labels, normalise, eps
         self.unary_net = unary_net

@@ -26,8 +26,9 @@ from torch import nn
 
 from dsp.errors import DspError
 from dsp import interfaces as I
-from dsp.nn.mlp import make_activation
+from dsp.nn.mlp import Activation, make_activation
 from dsp.nn.smooth import softabs
+from dsp.schema import NonNegative, Positive, Size
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _same_pad(y: torch.Tensor, kernel: int) -> torch.Tensor:
 class GaussianLikelihood(nn.Module):
     """‖y - x‖² and the trainable noise variance σ² that weighs the prior."""
 
-    def __init__(self, sigma: float = 25 / 255, learn_sigma: bool = True):
+    def __init__(self, sigma: Positive = 25 / 255, learn_sigma: bool = True):
         super().__init__()
         if sigma <= 0:
             raise DspError(f"model.likelihood.sigma must be > 0, got {sigma}")
@@ -70,7 +71,7 @@ class GaussianLikelihood(nn.Module):
 class FieldOfExperts(nn.Module):
     """R(y) = Σ_k Σ_p SoftAbs_β((f_k * y)_p), K learned filters of size kernel×kernel."""
 
-    def __init__(self, filters: int = 24, kernel: int = 5, beta: float = 25.0, init_scale: float = 0.1):
+    def __init__(self, filters: Size = 24, kernel: Size = 5, beta: Positive = 25.0, init_scale: NonNegative = 0.1):
         super().__init__()
         weight = torch.randn(filters, 1, kernel, kernel) * init_scale
         # Zero-mean filters: a constant image costs nothing, so the prior starts as an edge model.
@@ -85,7 +86,8 @@ class FieldOfExperts(nn.Module):
 class DeepPrior(nn.Module):
     """R(y) = Σ_p conv1×1(g(conv(g(conv(y)))))_p  (Eq. 15), g a smooth activation."""
 
-    def __init__(self, channels: int = 32, kernel: int = 7, activation: str = "softplus:25", convex: bool = False):
+    def __init__(self, channels: Size = 32, kernel: Size = 7, activation: Activation = "softplus:25",
+                 convex: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(1, channels, kernel)
         self.conv2 = nn.Conv2d(channels, channels, kernel)
@@ -141,7 +143,8 @@ class FeedForwardDenoiser(I.Model):
     provides = frozenset({I.LOCAL, I.LOCAL_LOGITS})
     structured = classmethod(lambda cls, config: False)  # predicted by its local term alone
 
-    def __init__(self, channels: int = 32, kernel: int = 7, activation: str = "softplus:25", residual: bool = True):
+    def __init__(self, channels: Size = 32, kernel: Size = 7, activation: Activation = "softplus:25",
+                 residual: bool = True):
         super().__init__()
         self.net = nn.Sequential(
             nn.ReflectionPad2d(kernel // 2), nn.Conv2d(1, channels, kernel), make_activation(activation),

@@ -14,12 +14,15 @@ pre-sigmoid score instead (same maximiser, larger steps), offered for experiment
 """
 from __future__ import annotations
 
+from typing import Callable, Literal
+
 import torch
 from torch import nn
 
 from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.models.spen import SpenFeatures
+from dsp.schema import Size
 
 
 class DeepValueNetwork(I.Model):
@@ -30,8 +33,8 @@ class DeepValueNetwork(I.Model):
     provides = frozenset({I.ENERGY, I.VALUE, I.LOCAL, I.LOCAL_LOGITS})
     y_parts = ("global_score",)
 
-    def __init__(self, num_labels: int, feature_net: nn.Module, local_score, global_score=None,
-                 ascend: str = "value"):
+    def __init__(self, num_labels: Size, feature_net: nn.Module, local_score: Callable[..., nn.Module],
+                 global_score: Callable[..., nn.Module] | None = None, ascend: Literal["value", "score"] = "value"):
         """`local_score` and `global_score` are factories (Hydra `_partial_` nodes) that get the
         sizes wired in here, like SPEN's local and global energies."""
         super().__init__()

@@ -24,6 +24,7 @@ any horses model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from torch import nn
 
 from dsp.errors import DspError
 from dsp.nn.unet import UNet
+from dsp.schema import Count, Rate, SettingsOf, Size
 from dsp import interfaces as I
 
 
@@ -40,8 +42,8 @@ class ConvLayers(nn.Module):
     norm="batch" puts a BatchNorm2d between each convolution and its ReLU (not in the paper's
     text; the public PyTorch reproduction of the DVN's horses has it)."""
 
-    def __init__(self, in_channels: int, base_width: int = 64, depth: int = 3, kernel_size: int = 5,
-                 norm: str | None = None):
+    def __init__(self, in_channels: Size, base_width: Size = 64, depth: Size = 3, kernel_size: Size = 5,
+                 norm: Literal["batch"] | None = None):
         super().__init__()
         if depth < 1 or base_width < 1 or kernel_size < 1 or kernel_size % 2 == 0:
             raise DspError("model.unary: depth and base_width must be >= 1 and kernel_size odd")
@@ -60,6 +62,12 @@ class ConvLayers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+# model.unary of the value networks: the settings of their conv layers or UNet trunk (the input
+# channels are the model's own).
+ConvSettings = Annotated[dict, SettingsOf(ConvLayers, exclude=("in_channels",))]
+TrunkSettings = Annotated[dict, SettingsOf(UNet, exclude=("in_channels", "out_channels"))]
 
 
 @dataclass
@@ -131,8 +139,9 @@ class SegmentationValueNetwork(MaskValueNetwork):
 
     parts = ("conv", "head")  # the children a training stage may name
 
-    def __init__(self, in_channels: int = 3, size: int = 32, unary: dict | None = None,
-                 hidden: tuple = (384, 192), dropout: float = 0.25, ascend: str = "value"):
+    def __init__(self, in_channels: Size = 3, size: Size = 32, unary: ConvSettings | None = None,
+                 hidden: Sequence[Size] = (384, 192), dropout: Rate = 0.25,
+                 ascend: Literal["value", "score"] = "value"):
         super().__init__(ascend)
         if not hidden:
             raise DspError("model.hidden: the value network needs at least one fully connected layer")
@@ -212,9 +221,9 @@ class PooledValueNetwork(MaskValueNetwork):
     HEADS = ("mlp", "ratio", "iou", "iou_mlp")
     EPS = 1e-3  # added to both pixel means of the ratio heads: keeps log finite at ȳ = 0 and ȳ = ŷ
 
-    def __init__(self, in_channels: int = 3, unary: dict | None = None, pixel_features: int = 32,
-                 hidden: tuple = (64,), trunk_sees_mask: bool = False, mask_layers: int = 0,
-                 head: str = "mlp", ascend: str = "value"):
+    def __init__(self, in_channels: Size = 3, unary: TrunkSettings | None = None, pixel_features: Size = 32,
+                 hidden: Sequence[Size] = (64,), trunk_sees_mask: bool = False, mask_layers: Count = 0,
+                 head: Literal["mlp", "ratio", "iou", "iou_mlp"] = "mlp", ascend: Literal["value", "score"] = "value"):
         super().__init__(ascend)
         if pixel_features < 1 or mask_layers < 0:
             raise DspError(f"model.pixel_features={pixel_features}, model.mask_layers={mask_layers}: "
@@ -303,7 +312,8 @@ class FCN(I.Model):
     provides = frozenset({I.LOCAL, I.LOCAL_LOGITS})
     structured = classmethod(lambda cls, config: False)  # predicted by its local term alone
 
-    def __init__(self, in_channels: int = 3, unary: dict | None = None, upsample: str = "bilinear"):
+    def __init__(self, in_channels: Size = 3, unary: ConvSettings | None = None,
+                 upsample: Literal["bilinear", "learned"] = "bilinear"):
         super().__init__()
         if upsample not in ("bilinear", "learned"):
             raise DspError(f"model.upsample={upsample!r}: choose 'bilinear' or 'learned'")

@@ -29,6 +29,7 @@ from dsp.errors import DspError
 from dsp.inference.cg import effective_lambda, gcrf_solve
 from dsp import interfaces as I
 from dsp.nn.modes import eval_mode
+from dsp.schema import NonNegative, Positive, Size
 
 
 @dataclass
@@ -92,9 +93,9 @@ class GaussianCRF(I.Model):
     outputs = frozenset({I.MASK})
     provides = frozenset({I.GAUSSIAN_POTENTIALS, I.LOCAL, I.LOCAL_LOGITS, I.SCALABLE_LOCAL})
 
-    def __init__(self, unary: nn.Module, pairwise: nn.Module | None = None, lam: float = 1.0,
-                 unary_scale: float = 1.0, cg_tol: float = 1e-5, cg_max_iter: int = 100,
-                 lam_margin: float = 0.0, unit_gain: bool = False):
+    def __init__(self, unary: nn.Module, pairwise: nn.Module | None = None, lam: Positive = 1.0,
+                 unary_scale: Positive = 1.0, cg_tol: Positive = 1e-5, cg_max_iter: Size = 100,
+                 lam_margin: NonNegative = 0.0, unit_gain: bool = False):
         super().__init__()
         if lam <= 0:
             raise DspError(f"model.lam must be > 0 (it makes the Gaussian CRF system positive definite), got {lam}")

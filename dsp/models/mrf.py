@@ -10,6 +10,8 @@ per edge with share=false) or, for pairwise factors, a one-layer MLP of the two 
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from dsp.inference.message_passing import MRFPotentials, relaxed_score
 from dsp.inference.region_graph import build_graph
 from dsp import interfaces as I
 from dsp.nn.modes import eval_mode
+from dsp.schema import NonNegative, SettingsOf, Size
 
 PAIRWISE_KINDS = ("table", "mlp")
 
@@ -76,9 +79,10 @@ class MRF(I.Model):
         return frozenset({I.MULTILABEL}) if str(config.get("num_states")) == "2" else frozenset({I.SEQUENCE})
     provides = frozenset({I.REGION_POTENTIALS, I.LOCAL, I.LOCAL_LOGITS, I.ENERGY, I.SMOOTH_ENERGY, I.VALUE})
 
-    def __init__(self, num_variables: int, num_states: int, unary_net: nn.Module, graph: dict | None = None,
-                 pairwise: str = "table", pairwise_hidden: int = 16, in_features: int | None = None,
-                 init_std: float = 0.01):
+    def __init__(self, num_variables: Size, num_states: Size, unary_net: nn.Module,
+                 graph: Annotated[dict | None, SettingsOf(build_graph, exclude=("num_variables",))] = None,
+                 pairwise: Literal["table", "mlp"] = "table", pairwise_hidden: Size = 16,
+                 in_features: Size | None = None, init_std: NonNegative = 0.01):
         super().__init__()
         graph = dict(graph or {})
         self.graph_spec = graph

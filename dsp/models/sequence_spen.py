@@ -13,13 +13,14 @@ unrolled descent (inference=unrolled_gd, softmax link).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from dsp import interfaces as I
-from dsp.nn.mlp import MLP, make_activation
+from dsp.nn.mlp import MLP, Activation, make_activation
+from dsp.schema import Positive, Size
 
 
 @dataclass
@@ -44,8 +45,8 @@ class SequenceFeatures:
 class WindowEnergy(nn.Module):
     """g: a SoftPlus network on the concatenated relaxed labels of a window of `window` positions."""
 
-    def __init__(self, num_labels: int, window: int = 2, measurements: int = 32, hidden: Sequence[int] = (),
-                 activation: str = "softplus"):
+    def __init__(self, num_labels: Size, window: Size = 2, measurements: Size = 32, hidden: Sequence[Size] = (),
+                 activation: Activation = "softplus"):
         super().__init__()
         if window < 1 or measurements < 1:
             from dsp.errors import DspError
@@ -79,7 +80,8 @@ class SequenceSPEN(I.Model):
     def structured(cls, config) -> bool:
         return config.get("global_energy", True) is not None
 
-    def __init__(self, num_labels: int, unary_net: nn.Module, global_energy=None, unary_scale: float = 1.0):
+    def __init__(self, num_labels: Size, unary_net: nn.Module, global_energy: Callable[..., nn.Module] | None = None,
+                 unary_scale: Positive = 1.0):
         """`global_energy` is a factory (a Hydra `_partial_` node) that gets num_labels, or None for
         the unary network alone."""
         super().__init__()

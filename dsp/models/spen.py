@@ -9,14 +9,15 @@ A SPEN without a global energy *is* the MLP baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from dsp import interfaces as I
-from dsp.nn.mlp import MLP, make_activation
+from dsp.nn.mlp import MLP, Activation, make_activation
 from dsp.nn.smooth import SoftAbs
+from dsp.schema import Positive, Size
 
 # g'(h) of the activations a global energy may use, for the hand-written ∂E/∂ȳ (fast inference).
 _DERIVATIVES = {
@@ -49,7 +50,7 @@ class SpenFeatures:
 class LocalEnergy(nn.Module):
     """Per-label linear models on the features: logits_i = b_iᵀF(x) + a_i."""
 
-    def __init__(self, in_features: int, num_labels: int):
+    def __init__(self, in_features: Size, num_labels: Size):
         super().__init__()
         self.linear = nn.Linear(in_features, num_labels)
 
@@ -66,13 +67,13 @@ class GlobalEnergy(nn.Module):
 
     def __init__(
         self,
-        num_labels: int,
-        measurements: int = 15,
-        hidden: Sequence[int] = (),
-        activation: str = "softplus",
+        num_labels: Size,
+        measurements: Size = 15,
+        hidden: Sequence[Size] = (),
+        activation: Activation = "softplus",
         init_scale: float = 1.0,
         conditional: bool = False,
-        num_features: int | None = None,
+        num_features: Size | None = None,
     ):
         super().__init__()
         if conditional and not num_features:
@@ -133,8 +134,8 @@ class SPEN(I.Model):
     provides = frozenset({I.ENERGY, I.LOCAL, I.LOCAL_LOGITS, I.VALUE, I.SCALABLE_LOCAL})
     y_parts = ("global_energy",)  # the parts that see ȳ (twice differentiable for unrolled learning)
 
-    def __init__(self, num_labels: int, feature_net: nn.Module, local_energy, global_energy=None,
-                 unary_scale: float = 1.0):
+    def __init__(self, num_labels: Size, feature_net: nn.Module, local_energy: Callable[..., nn.Module],
+                 global_energy: Callable[..., nn.Module] | None = None, unary_scale: Positive = 1.0):
         """`local_energy` and `global_energy` are factories (Hydra `_partial_` nodes) that get the
         sizes wired in here, so a config never repeats the feature width."""
         super().__init__()

@@ -1,13 +1,16 @@
 """LeNet-5-like letter classifier (Shevchenko & Osokin 2019, §6.1) applied to every letter of a word."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsp import interfaces as I
 
-from dsp.nn.mlp import make_activation
+from dsp.nn.mlp import Activation, make_activation
+from dsp.schema import Range, Rate, Size
 
 
 class LeNet(nn.Module):
@@ -21,8 +24,9 @@ class LeNet(nn.Module):
     letter's scores above zero (and passing gradient) at the start of training.
     """
 
-    def __init__(self, out_features: int, pad_to: int = 32, channels=(10, 20), hidden: int = 140,
-                 out_activation: str | None = None, dropout: float = 0.0,
+    def __init__(self, out_features: Size, pad_to: Annotated[int, Range(16)] = 32,  # (16: a 1×1 map after the convs)
+                 channels: tuple[Size, Size] = (10, 20), hidden: Size = 140,
+                 out_activation: Activation | None = None, dropout: Rate = 0.0,
                  out_bias: float | None = None):
         super().__init__()
         self.pad_to, self.out_features = pad_to, out_features

@@ -1,7 +1,7 @@
 """Plain fully connected building blocks shared by every model family."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 from torch import nn
@@ -9,6 +9,7 @@ from torch import nn
 from dsp import interfaces as I
 
 from dsp.errors import DspError
+from dsp.schema import Check, Rate, Size
 from dsp.nn.smooth import SoftAbs
 
 ACTIVATIONS = {
@@ -43,6 +44,20 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[base](beta=beta)
 
 
+def _activation_problem(name) -> str | None:
+    """What to give instead of an activation name make_activation refuses (a setting's check)."""
+    try:
+        make_activation(name)
+    except DspError:
+        return (f"choose one of {', '.join(ACTIVATIONS)} (softplus and softabs take a positive temperature, "
+                f"e.g. softplus:25)")
+    return None
+
+
+# An activation setting: a name make_activation knows, checked at start-up.
+Activation = Annotated[str, Check(_activation_problem)]
+
+
 class MLP(nn.Module):
     """x -> g(W_k ... g(W_1 x)): every hidden layer is followed by the activation.
 
@@ -54,12 +69,12 @@ class MLP(nn.Module):
 
     def __init__(
         self,
-        in_features: int,
-        hidden: Sequence[int] = (),
-        out_features: int | None = None,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        input_dropout: float = 0.0,
+        in_features: Size,
+        hidden: Sequence[Size] = (),
+        out_features: Size | None = None,
+        activation: Activation = "relu",
+        dropout: Rate = 0.0,
+        input_dropout: Rate = 0.0,
         flatten: bool = False,
     ):
         super().__init__()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from dsp import interfaces as I
 
 from dsp.data.conll import UNK_ID
 from dsp.errors import DspError
+from dsp.schema import Rate, Size
 
 
 class CharEncoder(nn.Module):
@@ -85,11 +87,11 @@ class WordTagger(nn.Module):
 
     inputs = frozenset({I.TOKEN_SEQUENCES})  # what dsp.compat matches against the data's input kind
 
-    def __init__(self, num_labels: int, num_words: int, num_pos: int, num_chars: int, word_dim: int = 50,
-                 pos_dim: int = 10, char_dim: int = 10, char_hidden: int = 50, char_layers: int = 2,
-                 head: str = "linear", hidden: int = 300, word_layers: int = 2, dropout: float = 0.5,
-                 pretrained: str | os.PathLike | None = None, vocab: Sequence[str] | None = None,
-                 word_dropout: float = 0.0):
+    def __init__(self, num_labels: Size, num_words: Size, num_pos: Size, num_chars: Size, word_dim: Size = 50,
+                 pos_dim: Size = 10, char_dim: Size = 10, char_hidden: Size = 50, char_layers: Size = 2,
+                 head: Literal["linear", "bilstm"] = "linear", hidden: Size = 300, word_layers: Size = 2,
+                 dropout: Rate = 0.5, pretrained: str | os.PathLike | None = None, vocab: Sequence[str] | None = None,
+                 word_dropout: Rate = 0.0):
         super().__init__()
         if not 0.0 <= word_dropout < 1.0:
             raise DspError(f"model.unary_net.word_dropout must be in [0, 1), got {word_dropout}")

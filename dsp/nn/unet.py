@@ -16,6 +16,7 @@ from torch import nn
 from dsp import interfaces as I
 
 from dsp.errors import DspError
+from dsp.schema import Count, Size
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -35,7 +36,7 @@ class UNet(nn.Module):
 
     inputs = frozenset({I.IMAGES})  # what dsp.compat matches against the data's input kind
 
-    def __init__(self, in_channels: int = 3, out_channels: int | None = 1, base_width: int = 16, depth: int = 3):
+    def __init__(self, in_channels: Size = 3, out_channels: Size | None = 1, base_width: Size = 16, depth: Count = 3):
         super().__init__()
         if depth < 0 or base_width < 1:
             raise DspError(f"UNet needs depth >= 0 and base_width >= 1, got depth={depth}, base_width={base_width}")

@@ -15,6 +15,7 @@ from dsp import interfaces as I
 from dsp.errors import DspError
 from dsp.inference import chain
 from dsp.inference.mean_field import mean_field_marginals
+from dsp.schema import Count, NonNegative
 from dsp.tasks.sequence import lengths_of
 
 
@@ -24,7 +25,7 @@ class ChainObjective(I.Objective):
     prediction = "viterbi"
     rescores_potentials = True  # loss_on(potentials, y): online scaling re-scores cached unaries
 
-    def __init__(self, scale_reg_weight: float = 0.0, scale_reg_target: float = 1.0):
+    def __init__(self, scale_reg_weight: NonNegative = 0.0, scale_reg_target: NonNegative = 1.0):
         self.scale_reg_weight, self.scale_reg_target = scale_reg_weight, scale_reg_target
 
     def loss(self, model, inference, x, y):
@@ -54,8 +55,9 @@ class MarginalCrossEntropy(ChainObjective):
     `mean_field_sweeps` > 0 uses mean-field marginals instead of exact ones (Eq. 6).
     """
 
-    def __init__(self, mean_field_sweeps: int = 0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, mean_field_sweeps: Count = 0, scale_reg_weight: NonNegative = 0.0,
+                 scale_reg_target: NonNegative = 1.0):
+        super().__init__(scale_reg_weight=scale_reg_weight, scale_reg_target=scale_reg_target)
         if mean_field_sweeps < 0:
             raise DspError(f"objective.mean_field_sweeps must be >= 0, got {mean_field_sweeps}")
         self.sweeps = mean_field_sweeps
@@ -74,8 +76,9 @@ class MarginalCrossEntropy(ChainObjective):
 class ChainSSVM(ChainObjective):
     """Structured hinge with the normalised Hamming margin (Eq. 7-8), loss-augmented Viterbi."""
 
-    def __init__(self, margin_weight: float = 1.0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, margin_weight: NonNegative = 1.0, scale_reg_weight: NonNegative = 0.0,
+                 scale_reg_target: NonNegative = 1.0):
+        super().__init__(scale_reg_weight=scale_reg_weight, scale_reg_target=scale_reg_target)
         self.margin_weight = margin_weight
 
     def loss_on(self, feats, y):

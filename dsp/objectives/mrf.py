@@ -14,11 +14,14 @@ with 20 sweeps as the paper's Fig. 9 comparison). ε = 0 with margin > 0 is the 
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from dsp import interfaces as I
 from dsp.errors import DspError
+from dsp.schema import Count, NonNegative
 from dsp.inference.message_passing import CountingNumbers, MRFPotentials, dual, score_labels, sweep, zero_messages
 
 
@@ -84,9 +87,10 @@ class BlendedMRFLoss(I.Objective):
     prediction = "beliefs"
     per_example_state = True  # messages kept per training example (index=)
 
-    def __init__(self, epsilon: float = 1.0, counting_variables="1.0", counting_factors: float = 1.0,
-                 iterations: int = 1, persistent: bool = True, margin: float = 0.0, store: str = "device",
-                 checkpoint_messages: bool = True, probe_iterations: int = 50):
+    def __init__(self, epsilon: NonNegative = 1.0, counting_variables: float | Literal["bethe"] = 1.0,
+                 counting_factors: NonNegative = 1.0, iterations: Count = 1, persistent: bool = True,
+                 margin: NonNegative = 0.0, store: Literal["device", "host"] = "device",
+                 checkpoint_messages: bool = True, probe_iterations: Count = 50):
         if iterations < 0:
             raise DspError(f"objective.iterations must be >= 0, got {iterations}")
         if str(counting_variables) == "bethe":

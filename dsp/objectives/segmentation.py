@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dsp import interfaces as I
 from dsp.errors import DspError
+from dsp.schema import NonNegative
 from dsp.tasks.oracles import soft_iou
 
 
@@ -28,7 +29,7 @@ class SegmentationCrossEntropy(I.Objective):
     prediction = "inference"
     rescores_potentials = True  # loss_on(potentials, y): online scaling re-scores cached unaries
 
-    def __init__(self, iou_weight: float = 0.0):
+    def __init__(self, iou_weight: NonNegative = 0.0):
         try:
             self.iou_weight = float(iou_weight)
         except (TypeError, ValueError):

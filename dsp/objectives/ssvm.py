@@ -8,10 +8,13 @@ optimiser's weight decay.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from dsp import interfaces as I
 from dsp.objectives.unrolled import one_hot_targets
+from dsp.schema import NonNegative
 from dsp.tasks.multilabel import delta_fn
 
 
@@ -20,7 +23,7 @@ class SSVMLoss(I.Objective):
     needs = frozenset({I.ENERGY})
     needs_inference = frozenset({I.LOSS_AUGMENTED})
 
-    def __init__(self, margin_weight: float = 1.0, delta: str = "squared"):
+    def __init__(self, margin_weight: NonNegative = 1.0, delta: Literal["squared", "log"] = "squared"):
         self.margin_weight = margin_weight
         self.delta = delta_fn(delta)
 

@@ -11,13 +11,17 @@ mean squared error per pixel (images).
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
 from dsp import interfaces as I
 from dsp.errors import DspError
 
-WEIGHTS = ("inverse", "final", "uniform")
+Weights = Literal["inverse", "final", "uniform"]
+WEIGHTS = get_args(Weights)
+Loss = Literal["bce", "squared", "mse"]  # the keys of LOSSES
 
 
 def _bce(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,7 @@ class UnrolledLoss(I.Objective):
     needs_inference = frozenset({I.UNROLLED})
     second_order = True  # the energy's gradient is differentiated: ReLU energies are refused
 
-    def __init__(self, loss: str = "bce", weights: str = "inverse"):
+    def __init__(self, loss: Loss = "bce", weights: Weights = "inverse"):
         if loss not in LOSSES:
             raise DspError(f"objective.loss={loss!r}: choose one of {', '.join(LOSSES)}")
         iterate_weights(1, weights)  # validates the name at start-up

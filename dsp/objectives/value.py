@@ -41,6 +41,7 @@ used on. generate_in="train" keeps the model as the trainer set it.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,18 @@ from dsp.objectives.replay import ReplayBuffer
 from dsp.objectives.unrolled import one_hot_targets
 from dsp.tasks.oracles import default_oracle, oracle_fn
 from dsp.nn.modes import eval_mode
+from dsp.schema import Count, NonNegative, Positive, Size
 
 SOURCES = ("ground_truth", "inference", "adversarial", "stratified")
+
+
+class Sources(TypedDict, total=False):
+    """objective.sources: each tuple source's weight (0 switches it off)."""
+
+    ground_truth: NonNegative
+    inference: NonNegative
+    adversarial: NonNegative
+    stratified: NonNegative
 
 
 class ValueObjective(I.Objective):
@@ -70,18 +81,18 @@ class ValueObjective(I.Objective):
 
     def __init__(
         self,
-        sources: dict | None = None,
-        loss: str = "ce",
-        oracle: str = "auto",
-        trajectory: str = "final",
-        adversarial_steps: int = 3,
-        adversarial_lr: float = 0.1,
-        stratified_temperature: float = 0.05,
-        stratified_candidates: int = 8,
-        stratified_max_flips: int = 10,
-        generate_in: str = "eval",
-        replay_size: int = 0,
-        replay_batch: int = 0,
+        sources: Sources | None = None,
+        loss: Literal["ce", "l2"] = "ce",
+        oracle: Literal["auto", "f1", "iou", "token_accuracy"] = "auto",
+        trajectory: Literal["final", "random"] = "final",
+        adversarial_steps: Size = 3,
+        adversarial_lr: Positive = 0.1,
+        stratified_temperature: Positive = 0.05,
+        stratified_candidates: Size = 8,
+        stratified_max_flips: Size = 10,
+        generate_in: Literal["eval", "train"] = "eval",
+        replay_size: Count = 0,
+        replay_batch: Count = 0,
     ):
         sources = dict(sources if sources is not None else {"ground_truth": 1, "inference": 1, "adversarial": 1})
         unknown = set(sources) - set(SOURCES)

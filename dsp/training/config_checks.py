@@ -12,6 +12,7 @@ from importlib import resources
 from omegaconf import DictConfig, OmegaConf
 
 from dsp.errors import DspError
+from dsp.schema import Seed, check_settings, check_value  # noqa: F401 -- check_settings: the run's other settings
 
 # key: (kind, lower bound, whether the bound itself is allowed, whether null is allowed)
 _NUMBERS = {
@@ -107,5 +108,5 @@ def check_trainer(trainer: DictConfig) -> None:
 
 
 def check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise DspError(f"seed={seed!r}: give a whole number, 0 or more")
+    """A seed numpy accepts: a whole number from 0 to 2**32 - 1."""
+    check_value("seed", seed, Seed)
