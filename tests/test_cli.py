@@ -230,14 +230,14 @@ def test_training_into_a_finished_run_folder_is_refused_and_leaves_it_intact(tmp
     args = [*QUICK, *TINY_SYNTHETIC, "trainer=default", f"hydra.run.dir={run}"]
     assert run_cli("dsp-train", *args).returncode == 0
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
-    record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    record = {str(p): p.read_bytes() for p in (run / ".hydra").rglob("*") if p.is_file()}
     metrics = (run / "metrics.json").read_text()
     proc = run_cli("dsp-train", *args, "seed=5")
     assert proc.returncode == 2 and "trainer.resume=true" in proc.stderr and "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     assert (run / "metrics.json").read_text() == metrics
     # refused before Hydra writes the folder's record, so .hydra/ still describes the run that is there
-    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == record
+    assert {str(p): p.read_bytes() for p in (run / ".hydra").rglob("*") if p.is_file()} == record
     # a finished run whose checkpoints were deleted to save space keeps its results too
     for p in (run / "checkpoints").iterdir():
         p.unlink()
