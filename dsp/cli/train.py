@@ -68,7 +68,8 @@ class GuardUsedFolders(Callback):
         resume = OmegaConf.select(config, "trainer.resume", default=False) is True
 
         def check():
-            if int(os.environ.get("RANK", 0)) == 0:  # torchrun: rank 0 holds the folder for all ranks
+            ranks = distributed.scheduler_ranks() or {}  # torchrun's RANK, else an srun step's or submitit's
+            if int(os.environ.get("RANK") or ranks.get("RANK") or 0) == 0:  # rank 0 holds the folder for all
                 run_folder.hold(config.hydra.sweep.dir if multirun else config.hydra.run.dir)
             for folder in folders():  # a preempted or requeued run continues by itself
                 if resume or run_folder.continues(folder):
@@ -144,10 +145,10 @@ def _interrupted() -> None:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one run into `run_dir` and return its final metrics (also usable without the CLI).
-    With trainer.strategy=ddp (under torchrun) every rank calls this; rank 0's run_dir is used."""
+    With trainer.strategy=ddp (torchrun's or a scheduler's ranks) every rank calls this; rank 0's run_dir is used."""
     check_settings(cfg)
     check_trainer(cfg.trainer)
-    dist = distributed.setup(cfg.trainer.get("strategy"), cfg.trainer.device)
+    dist = distributed.setup(cfg.trainer.get("strategy"), cfg.trainer.device, cfg.trainer.get("sync_batchnorm", "auto"))
     try:
         device = dist.device if dist.enabled else resolve_device(cfg.trainer.device)
         if dist.enabled:
@@ -155,6 +156,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if dist.is_main:  # one writer per run folder (the dsp-train callback may hold it already)
             run_folder.hold(run_dir)
         run = assemble(cfg)
+        # ddp: BatchNorm over the global batch (trainer.sync_batchnorm), the same Parameters kept
+        dist.prepare(run.model, len(run.data.split("train")), [s.batch_size for s in run.stages])
         config_dict = OmegaConf.to_container(cfg, resolve=True)
         trainer = Trainer(cfg.trainer, run.model, run.inference, run.stages, run.data, run_dir, device, config_dict,
                           cfg.seed, dist, task=run.task)

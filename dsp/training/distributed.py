@@ -31,15 +31,36 @@ TensorBoard, metrics.json and prints. Resume reads last.pt on every rank: the ru
 on a filesystem all ranks see. RNG: rank r > 0 is reseeded from (seed, r) so dropout masks differ
 between ranks; checkpoints keep every rank's RNG state (`rng_ranks`) for an exact resume with the
 same number of ranks. Backend: nccl on CUDA (device cuda:LOCAL_RANK), gloo on CPU.
+
+Without torchrun, the ranks can come from a job scheduler that starts one process per task, each
+running the whole dsp-train command (hydra/launcher=slurm_ddp, or submitit_local with
+tasks_per_node > 1; `srun dsp-train ...` in an sbatch script too). When RANK / WORLD_SIZE are
+not set, `scheduler_ranks` reads them from submitit's JobEnvironment (Slurm or local executor) or
+from an srun step's SLURM_* variables: RANK = the task's global rank, WORLD_SIZE = the number of
+tasks, LOCAL_RANK = its rank on its node, MASTER_ADDR = the job's first host (127.0.0.1 on one
+node), MASTER_PORT = a port in [20000, 60000] drawn from the job id (submitit's own rule, so jobs
+sharing a node do not collide); a MASTER_ADDR / MASTER_PORT already set is kept. A task that sees
+one GPU only (Slurm's --gpus-per-task binds each task to its own) uses cuda:0.
+
+BatchNorm (trainer.sync_batchnorm: auto | true | false): with BatchNorm each rank would normalise
+its slice by the slice's own statistics and keep running statistics of its slices alone, so ddp
+would train another network than one process. `prepare` (before training) swaps the model's
+BatchNorm layers for dsp.nn.sync_batchnorm.SyncBatchNorm, whose statistics are the global batch's
+on any backend, when the setting is true, or auto and the model has BatchNorm (one process needs
+nothing: its batch is the global batch).
 """
 from __future__ import annotations
 
 import os
+import random
+import re
+import socket
 
 import torch
 import torch.distributed as tdist
 
 from dsp.errors import DspError
+from dsp.nn import sync_batchnorm as syncbn
 
 
 class Single:
@@ -47,6 +68,7 @@ class Single:
     same step path with or without ranks (its slice is the whole batch, weighted by nothing)."""
 
     enabled, rank, world_size = False, 0, 1
+    sync_batchnorm: bool | str = "auto"  # trainer.sync_batchnorm (validated by setup)
 
     @property
     def is_main(self) -> bool:
@@ -82,6 +104,11 @@ class Single:
     def sync_store(self, store, index: torch.Tensor, lo: int, hi: int) -> None:
         pass
 
+    def prepare(self, model: torch.nn.Module, train_size: int | None = None, batch_sizes=()) -> int:
+        """Before training (see Distributed.prepare): one process's batch is the global batch, so
+        its BatchNorm layers stay as they are. Returns the number of layers synchronised: 0."""
+        return 0
+
     def close(self) -> None:
         pass
 
@@ -98,7 +125,10 @@ class Distributed(Single):
         if cuda:
             if not torch.cuda.is_available():
                 raise DspError(f"trainer.device={device_name} but no CUDA device is available")
-            self.device = torch.device("cuda", self.local_rank)
+            # one device per rank: cuda:LOCAL_RANK, or the one device a task was given (Slurm's
+            # --gpus-per-task shows every task its own GPU alone, as cuda:0)
+            count = torch.cuda.device_count()
+            self.device = torch.device("cuda", self.local_rank if self.local_rank < count or count != 1 else 0)
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
@@ -192,19 +222,133 @@ class Distributed(Single):
             tdist.all_reduce(buf)
             g[rows] = buf.to(g.device, g.dtype)
 
+    def prepare(self, model: torch.nn.Module, train_size: int | None = None, batch_sizes=()) -> int:
+        """Before training: with trainer.sync_batchnorm true, or auto and BatchNorm in the model, its
+        BatchNorm layers become dsp.nn.sync_batchnorm.SyncBatchNorm in place (the same Parameter
+        objects, so parameter lists built already still hold them; the same state_dict keys).
+        Every rank must then take part in every training step: an epoch whose last batch of
+        `train_size` examples leaves a rank without any is refused. Returns the number of layers."""
+        layers = syncbn.batchnorm_layers(model)
+        if self.sync_batchnorm is False or not layers or self.world_size < 2:
+            return 0
+        for b in dict.fromkeys(int(b) for b in batch_sizes):
+            last = train_size % b if train_size else 0
+            if 0 < last < self.world_size:
+                raise DspError(
+                    f"trainer.sync_batchnorm={_setting_name(self.sync_batchnorm)}: the last batch of each epoch holds "
+                    f"{last} of the {train_size} training examples (batch size {b}), fewer than the {self.world_size} "
+                    f"ranks, and a rank without examples would leave the others waiting in BatchNorm's all-reduce; "
+                    f"choose a batch size that leaves 0 or at least {self.world_size}, or trainer.sync_batchnorm=false")
+        syncbn.convert(model)
+        if self.is_main:
+            print(f"ddp: {len(layers)} BatchNorm layer(s) normalise by the statistics of the global batch of all "
+                  f"{self.world_size} ranks (trainer.sync_batchnorm={_setting_name(self.sync_batchnorm)})")
+        return len(layers)
+
     def close(self) -> None:
         if self._owned and tdist.is_initialized():
             tdist.destroy_process_group()
 
 
-def setup(strategy: str | None, device_name: str) -> Single:
+def sync_batchnorm_setting(value) -> bool | str:
+    """trainer.sync_batchnorm as True, False or "auto"; DspError for anything else."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[text]
+    raise DspError(f"trainer.sync_batchnorm={value!r}: choose auto (on under trainer.strategy=ddp when the model "
+                   f"has BatchNorm), true or false")
+
+
+def _setting_name(value) -> str:
+    return value if isinstance(value, str) else str(value).lower()
+
+
+# ------------------------------------------------------------------------------ scheduler ranks
+def scheduler_ranks() -> dict | None:
+    """The ranks of a job whose tasks a scheduler started, one process each: RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT as strings, and `source` (what said
+    so), for a submitit job (SUBMITIT_EXECUTOR: its JobEnvironment, Slurm or local) or an srun
+    step (SLURM_STEP_NUM_TASKS, SLURM_PROCID, ...); None elsewhere."""
+    env = os.environ
+    executor = env.get("SUBMITIT_EXECUTOR")
+    if executor:
+        try:
+            import submitit
+
+            job = submitit.JobEnvironment()
+        except (ImportError, RuntimeError, KeyError):
+            job = None
+        if job is not None:
+            return _ranks(env, job.global_rank, job.num_tasks, job.local_rank, job.num_nodes, list(job.hostnames),
+                          str(job.job_id), f"submitit {executor} job {job.job_id}")
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        hosts = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "")
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or max(len(hosts), 1))
+        job_id = env.get("SLURM_JOB_ID", "0")
+        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+            job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        return _ranks(env, int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                      int(env.get("SLURM_LOCALID", 0)), nodes, hosts, job_id, f"Slurm job {job_id}")
+    return None
+
+
+def _ranks(env, rank: int, world: int, local: int, nodes: int, hosts: list, job_id: str, source: str) -> dict:
+    nodes = max(int(nodes), 1)
+    addr = env.get("MASTER_ADDR") or ("127.0.0.1" if nodes == 1 or not hosts else hosts[0])
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+            "LOCAL_WORLD_SIZE": str(max(world // nodes, 1)), "MASTER_ADDR": addr,
+            "MASTER_PORT": env.get("MASTER_PORT") or str(job_port(job_id)), "source": source}
+
+
+def job_port(job_id: str) -> int:
+    """MASTER_PORT of a job: drawn in [20000, 60000] from its id, as submitit's
+    TorchDistributedEnvironment draws it (string seeds hash the same in every process)."""
+    return random.Random(str(job_id)).randint(20000, 60000)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list: "gpu[01-03,07],cpu5" -> gpu01 gpu02 gpu03 gpu07 cpu5."""
+    hosts = []
+    for prefix, ranges, suffix in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for k in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{k:0{len(lo)}d}{suffix}")
+    return hosts
+
+
+def setup(strategy: str | None, device_name: str, sync_batchnorm="auto") -> Single:
+    """The ranks of this run: Single() for trainer.strategy=single, Distributed for ddp (under
+    torchrun, or a scheduler's tasks: scheduler_ranks); `sync_batchnorm` is checked here, before
+    anything loads, and kept for prepare."""
+    sync = sync_batchnorm_setting(sync_batchnorm)
     strategy = strategy or "single"
-    if strategy == "single":
-        return Single()
-    if strategy != "ddp":
+    if strategy not in ("single", "ddp"):
         raise DspError(f"trainer.strategy={strategy!r}: choose single or ddp")
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+    tasks = None if "WORLD_SIZE" in os.environ and "RANK" in os.environ else scheduler_ranks()
+    if strategy == "single":
+        if tasks is not None and int(tasks["WORLD_SIZE"]) > 1 and os.environ.get("SUBMITIT_EXECUTOR"):
+            raise DspError(f"this {tasks['source']} runs {tasks['WORLD_SIZE']} tasks, each the same run into the same "
+                           f"folder: set trainer.strategy=ddp (one rank per task), or hydra.launcher.tasks_per_node=1 "
+                           f"and hydra.launcher.nodes=1")
+        single = Single()
+        single.sync_batchnorm = sync
+        return single
+    if tasks is not None:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ[key] = tasks[key]  # (what init_process_group reads, and rank checks elsewhere)
+        if tasks["RANK"] == "0":
+            print(f"ddp: {tasks['WORLD_SIZE']} ranks from the {tasks['source']} (master "
+                  f"{tasks['MASTER_ADDR']}:{tasks['MASTER_PORT']}, host {socket.gethostname()})", flush=True)
+    elif "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise DspError("trainer.strategy=ddp needs one process per device started by torchrun, e.g. "
-                       "torchrun --nproc_per_node=2 -m dsp.cli.train ... trainer.strategy=ddp "
-                       "(WORLD_SIZE and RANK are not set)")
-    return Distributed(device_name)
+                       "torchrun --nproc_per_node=2 -m dsp.cli.train ... trainer.strategy=ddp, or by a job "
+                       "scheduler (hydra/launcher=slurm_ddp) (WORLD_SIZE and RANK are not set)")
+    dist = Distributed(device_name)
+    dist.sync_batchnorm = sync
+    return dist
