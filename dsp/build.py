@@ -12,7 +12,7 @@ from dsp.errors import DspError
 from dsp.instantiate import check_trusted, instantiate
 from dsp.seed import set_seed
 from dsp.tasks import task_for
-from dsp.training.stages import build_stages
+from dsp.training.stages import build_stages, check_predict_mode
 from dsp.training.checkpoint import load_checkpoint
 
 
@@ -365,9 +365,13 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
     if missing or not isinstance(state["config"], dict):
         raise DspError(f"checkpoint {path} lacks {', '.join(missing) or 'a run config'}: it was not written by "
                        f"dsp-train; use the other checkpoint (ckpt=last or ckpt=best) or retrain")
+    _check_fields(state, path)
+    source = f"the config stored in {path}"
+    check_trusted(state["config"], source, trust)  # before anything is read, imported or called
     cfg = override_config(legacy_defaults(OmegaConf.create(state["config"])), overrides, "dsp-eval +set.")
-    check_trusted(cfg, f"the config stored in {path}", trust)  # before anything is imported or called
+    check_trusted(cfg, source, trust)  # (with the +set changes)
     check_config(cfg, {})  # a +set change of inference (or a user's part) that no longer fits
+    _refuse_other_shapes(cfg, state["model"], path)  # before a stored size is allocated
     model = build_model(cfg)
     inference = build_inference(cfg)
     attach_inference(model, inference)  # before loading: learned step sizes live in the state
@@ -377,8 +381,50 @@ def load_run(run_dir: str | Path, ckpt: str = "best", device: str | torch.device
     except RuntimeError as err:
         raise DspError(f"checkpoint {path} does not fit the model its config describes: {err}") from None
     model.to(device).eval()
+    check_predict_mode(model, state["predict"], f"checkpoint {path}: predict")
     objective = build_objective(cfg)
     check_built(None, model, inference, objective, cfg)
     inference.match(objective)
     return LoadedRun(cfg, model, inference, None if state["threshold"] is None else float(state["threshold"]),
                      state["predict"], state)
+
+
+def _check_fields(state: dict, path: Path) -> None:
+    """The fields load_run reads have the types dsp-train writes, or the checkpoint is refused."""
+    threshold = state["threshold"]
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):
+        raise DspError(f"checkpoint {path}: threshold={threshold!r} is not a number between 0 and 1 or null")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise DspError(f"checkpoint {path}: model is not a mapping of parameter names to tensors")
+    if not isinstance(state["predict"], str):
+        raise DspError(f"checkpoint {path}: predict={state['predict']!r} is not a prediction mode")
+
+    def depth(node, level=0):
+        if level > 50:
+            raise DspError(f"checkpoint {path}: its config is nested more than 50 levels deep")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            depth(child, level + 1)
+
+    depth(state["config"])
+
+
+def _refuse_other_shapes(cfg: DictConfig, weights: dict, path: Path) -> None:
+    """Build the model on the meta device (no memory) and compare its shapes with the checkpoint's,
+    so a stored config asking for a huge layer is refused before anything is allocated. A model
+    that cannot be built there is checked by load_state_dict instead."""
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg)
+            attach_inference(model, build_inference(cfg))
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except Exception:  # noqa: BLE001 -- a part that needs real tensors to build
+        return
+    other = [k for k, shape in shapes.items() if k in weights and tuple(weights[k].shape) != shape]
+    if other:
+        k = other[0]
+        raise DspError(f"checkpoint {path} does not fit the model its config describes: {k} is "
+                       f"{tuple(weights[k].shape)} in the checkpoint, {shapes[k]} in the config")

@@ -63,6 +63,22 @@ def _targets(node, key: str):
             yield from _targets(value, f"{key}[{i}]")
 
 
+def _strings(node, key: str):
+    """(config key, text) of every string of a config tree, keys included, interpolations unresolved."""
+    if isinstance(node, (Mapping, DictConfig)):
+        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
+        for name, value in items:
+            where = f"{key}.{name}" if key else str(name)
+            if isinstance(name, str):
+                yield where, name
+            yield from _strings(value, where)
+    elif isinstance(node, (list, tuple, ListConfig)):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{key}[{i}]")
+    elif isinstance(node, str):
+        yield key, node
+
+
 def _is_part(obj) -> bool:
     """A class of dsp's or torch's parts, or a data loader whose annotated return is a Dataset."""
     if isinstance(obj, type):
@@ -79,6 +95,12 @@ def check_trusted(tree, source: str, trust: Iterable[str] | str | None = ()) -> 
     trusted modules. Within them the object itself is checked too: `dsp.models.spen.os.remove`
     starts with a trusted name but is os.remove, and dsp's file writers are not parts."""
     modules = trusted_modules(trust)
+    # dsp-train stores its config resolved, so a stored config holds no interpolation; one would be
+    # resolved only inside hydra's instantiate, after this check (${oc.create:{_target_: ...}}).
+    for key, value in _strings(tree, ""):
+        if "${" in value:
+            raise DspError(f"{source}: {key}={value!r} is an interpolation; a stored config holds plain values "
+                           f"only (dsp-train writes it resolved), so it is refused before anything ran")
     hint = (f"instantiate it only if you trust where {source} came from: pass trust=[<module>] to dsp-eval "
             f"(trust=... to dsp.load_run, or DSP_TRUST=<module>)")
     for key, target in _targets(tree, ""):

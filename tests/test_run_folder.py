@@ -56,6 +56,21 @@ def test_a_second_run_into_a_held_folder_is_refused_before_anything_is_written(t
         run_folder.release(run)
 
 
+def test_deleting_the_lock_file_does_not_let_a_second_writer_in(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dsp.training import run_folder; "
+                               f"run_folder.hold({str(run)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run / run_folder.LOCK_NAME).unlink()
+        with pytest.raises(DspError, match="in use by another run"):
+            run_folder.hold(run)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dsp.training import run_folder; "

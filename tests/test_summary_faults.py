@@ -69,10 +69,18 @@ def test_a_malformed_overrides_yaml_lists_the_job_by_its_folder_only(tmp_path, c
     assert "seed" in next(x for x in result["text"].splitlines() if x.startswith("| job"))  # still varies
 
 
-def test_an_empty_overrides_yaml_is_a_job_without_overrides(tmp_path, capsys):
-    job(tmp_path, "0", "", GOOD)
+def test_an_empty_or_missing_overrides_yaml_is_damage_and_hydras_empty_list_is_none(tmp_path, capsys):
+    job(tmp_path, "0", "", GOOD)  # Hydra writes [] for no overrides: an empty file or null is damage
     job(tmp_path, "1", "[]\n", {"val/example_f1": 51.0})
-    assert summarise(tmp_path)["best"] == tmp_path / "1" and warnings(capsys) == []
+    job(tmp_path, "2", "null\n", GOOD)
+    job(tmp_path, "3", "[]\n", GOOD)
+    (tmp_path / "3" / ".hydra" / "overrides.yaml").unlink()
+    result = summarise(tmp_path)
+    assert result["best"] == tmp_path / "1"
+    assert sorted(result["excluded"]) == [(tmp_path / "0", "EXCLUDED (unreadable overrides.yaml)"),
+                                          (tmp_path / "2", "EXCLUDED (unreadable overrides.yaml)"),
+                                          (tmp_path / "3", "EXCLUDED (no overrides.yaml)")]
+    assert len(warnings(capsys)) == 3
 
 
 @pytest.mark.parametrize("content, what", [

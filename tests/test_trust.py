@@ -38,6 +38,10 @@ def cases(victim: Path, marker: Path) -> dict[str, dict]:
         "os.system nested in a list": {"model": {**SPEN_MODEL, "layers": [{"_target_": "os.system",
                                                                            "_args_": [f"touch {marker}"]}]}},
         "interpolated target": {"model": {"_target_": "${oc.env:EVIL_TARGET}"}},
+        "a target created by a resolver": {"model": {**SPEN_MODEL, "feature_net": "${oc.create:{_target_: "
+                                                     f"shutil.copyfile, _args_: [/dev/null, {victim}]}}}}"}},
+        "a secret copied by a resolver": {"model": {**SPEN_MODEL, "feature_net": "${oc.create:{_target_: torch.save, "
+                                                    f"_args_: ['${{oc.env:HOME}}', {marker}]}}}}"}},
         "exec": {"inference": {"_target_": "builtins.exec", "_args_": ["open(" + repr(str(marker)) + ", 'w')"]}},
     }
 
@@ -54,7 +58,7 @@ def test_a_hostile_stored_config_is_refused_before_anything_runs(case, victims, 
     victim, marker = victims
     monkeypatch.setenv("EVIL_TARGET", "os.remove")
     run = hostile_run(tmp_path / "run", {"seed": 0, **cases(victim, marker)[case]})
-    with pytest.raises(DspError, match="refused|not a plain dotted name"):
+    with pytest.raises(DspError, match="refused|not a plain dotted name|an interpolation"):
         dsp.load_run(run)
     assert victim.read_text() == "precious" and not marker.exists()
 

@@ -112,6 +112,9 @@ def _check_out(run_dir: Path, out: str, spec: dict, overwrite: bool) -> None:
     if not out or Path(out).name != out or out in (".", ".."):
         raise DspError(f"out={out!r} must be a plain folder name inside the run folder (e.g. eval_joint36)")
     folder = run_dir / out
+    if folder.is_symlink() or (folder.exists() and folder.resolve().parent != run_dir.resolve()):
+        raise DspError(f"{folder} is a link to {folder.resolve()}: dsp-eval writes inside the run folder only; "
+                       f"remove the link or choose another out=")
     if overwrite or not (folder / "metrics.json").is_file():
         return
     try:
@@ -133,6 +136,9 @@ def _main(cfg: DictConfig) -> None:
     run_dir = _check_run_dir(cfg)
     device = resolve_device(cfg.device)
     out = str(cfg.out)
+    if not isinstance(cfg.ckpt, str) or Path(cfg.ckpt).name != cfg.ckpt or cfg.ckpt in ("", ".", ".."):
+        raise DspError(f"ckpt={cfg.ckpt!r}: give the name of a checkpoint in {run_dir / 'checkpoints'} (best or last); "
+                       f"to evaluate another run, pass its folder as run_dir")
     spec = {"split": cfg.split, "ckpt": cfg.ckpt, "predict": cfg.get("predict"),
             "set": OmegaConf.to_container(cfg.set, resolve=True)}
     _check_out(run_dir, out, spec, bool(cfg.get("overwrite")))

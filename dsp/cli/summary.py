@@ -88,7 +88,10 @@ def read_overrides(path: Path) -> dict[str, str] | None:
     except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: not UTF-8
         _warn(f"{path} is unreadable ({_why(err)}); the job is listed without settings or numbers")
         return None
-    items = [] if items is None else items  # an empty file: no overrides
+    if items is None:  # Hydra writes [] for a job without overrides: an empty file or null is damage
+        _warn(f"{path} is empty, not Hydra's list of key=value overrides; the job is listed without settings "
+              f"or numbers")
+        return None
     if not isinstance(items, list):
         _warn(f"{path} holds {_kind(items)}, not a list of key=value overrides; the job is listed "
               f"without settings or numbers")
@@ -228,6 +231,11 @@ def collect(sweep_dir: Path) -> list[Job]:
         raise DspError(f"{sweep_dir} is a single run, not a sweep: its numbers are in {sweep_dir / 'metrics.json'}; "
                        f"pass sweep_dir=<the folder above its jobs>")
     jobs = []
+    for folder in sorted({p.parent for p in sweep_dir.glob("**/checkpoints")} | {p.parent for p in sweep_dir.glob("**/.hydra")}):
+        if folder != sweep_dir and not (folder / ".hydra" / "overrides.yaml").is_file():
+            name = folder.relative_to(sweep_dir).as_posix()
+            _warn(f"{folder / '.hydra' / 'overrides.yaml'} is missing; the job is listed without settings or numbers")
+            jobs.append(Job(name, folder, None, None, "auto", "EXCLUDED (no overrides.yaml)"))
     for marker in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"), key=lambda m: _natural(m.as_posix())):
         folder = marker.parent.parent
         name = folder.relative_to(sweep_dir).as_posix()

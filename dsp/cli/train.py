@@ -100,7 +100,7 @@ class CheckParts(Callback):
     MAX_JOBS = 500  # larger grids are checked job by job as they start
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        _refuse(lambda: check_config(config))
+        _refuse(lambda: check_run(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
@@ -121,11 +121,18 @@ class CheckParts(Callback):
                 _interrupted()
             except Exception:  # noqa: BLE001 -- whatever Hydra cannot compose here, the job itself reports
                 return
-            _refuse(lambda: check_config(cfg, cfg.hydra.runtime.choices), f"job {number} ({' '.join(job)}): ")
+            _refuse(lambda: check_run(cfg, cfg.hydra.runtime.choices), f"job {number} ({' '.join(job)}): ")
             subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
             if cfg.trainer.get("resume") is True and subdir == "${hydra.job.num}":
                 folder = Path(config.hydra.sweep.dir) / str(number)  # (other layouts: checked as each job starts)
                 _refuse(lambda: refuse_changed_resume_of(folder, cfg), f"job {number} ({' '.join(job)}): ")
+
+
+def check_run(cfg: DictConfig, choices=None) -> None:
+    """Every setting and the parts' fit, before Hydra creates a folder (the trainer's settings too)."""
+    if cfg.get("trainer") is not None:
+        check_trainer(cfg.trainer)
+    check_config(cfg, choices)
 
 
 def _refuse(check, prefix: str = "", rename: tuple[str, str] = ("", "")) -> None:

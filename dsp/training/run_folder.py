@@ -1,6 +1,6 @@
 """One writer per run folder, and resumes that continue only what the checkpoint was trained with.
 
-- `hold(run_dir)` takes an exclusive lock on `<run_dir>/.dsp.lock` for the life of the process: a
+- `hold(run_dir)` takes an exclusive lock on the run folder for the life of the process: a
   second dsp-train (or a resume) into a held folder is refused at once. The kernel drops the lock
   when its process dies however it dies, so a killed run never leaves a lock that blocks its resume.
 - `refuse_changed_resume(stored, new, checkpoint)` compares the config a checkpoint was trained
@@ -31,7 +31,7 @@ RECORD_COPY = "accepted"  # .hydra/accepted/: the record of the run's last accep
 # Settings a resume may change: when to stop, where it runs, what it prints and where files live.
 MAY_CHANGE = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time_s", "trainer.stop_at", "trainer.device",
               "trainer.progress", "trainer.log_every", "trainer.eval_batch_size", "trainer.resume", "paths",
-              "data.cache_dir")
+              "data.cache_dir", "logger", "trainer.compile")  # (logger: where scalars go; compile: how, not what)
 
 _held: dict[Path, int] = {}  # run folder -> file descriptor holding its lock (this process's)
 
@@ -49,34 +49,43 @@ def _folder(run_dir) -> Path:
 
 
 def hold(run_dir) -> None:
-    """Lock `run_dir` for this process (again: nothing happens); DspError if another process holds it."""
+    """Lock `run_dir` for this process (again: nothing happens); DspError if another process holds it.
+    The lock is on the folder itself, so deleting files in it cannot let a second writer in;
+    .dsp.lock only says who holds it."""
     folder = _folder(run_dir)
     if folder in _held:
         return
-    path = folder / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as err:
-        raise DspError(f"cannot write into the run folder {folder} ({err.strerror or err}); choose another "
+        raise DspError(f"cannot open the run folder {folder} ({err.strerror or err}); choose another "
                        f"hydra.run.dir that you can write to") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
         if err.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            try:
+                holder = (folder / LOCK_NAME).read_text(errors="replace").strip()[:200] or "another process"
+            except OSError:
+                holder = "another process"
             raise DspError(f"{folder} is in use by another run ({holder}); wait for it to finish, or choose "
                            f"another hydra.run.dir") from None
         raise DspError(f"cannot lock the run folder {folder} ({err.strerror or err})") from None
-    os.ftruncate(fd, 0)  # who holds it, for the message a second run prints
-    os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
     _held[folder] = fd
+    try:  # who holds it, for the message a second run prints
+        (folder / LOCK_NAME).write_text(f"pid {os.getpid()} on {os.uname().nodename}, "
+                                        f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    except OSError as err:
+        release(folder)
+        raise DspError(f"cannot write into the run folder {folder} ({err.strerror or err}); choose another "
+                       f"hydra.run.dir that you can write to") from None
 
 
 def release(run_dir) -> None:
     fd = _held.pop(Path(run_dir).resolve(), None)
     if fd is not None:
-        os.close(fd)  # closing drops the lock; the file stays (removing it would race a new holder)
+        os.close(fd)  # closing drops the lock
 
 
 def is_lock(path: Path) -> bool:
