@@ -287,7 +287,7 @@ def check_value(key: str, value, annotation) -> None:
     _check_key(tuple(key.split(".")), value, annotation, _Context(None, literal=True))
 
 
-TOP_LEVEL = ("seed", "dims", "paths", "data", "model", "inference", "objective", "trainer")
+TOP_LEVEL = ("seed", "dims", "paths", "data", "model", "inference", "objective", "trainer", "logger")
 PATHS = {"data_dir": str, "output_dir": str, "cache_dir": str}
 
 

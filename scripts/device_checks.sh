@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU figures the issues still lack, in one call on a machine with a GPU (issue 3's unrolled
-# benchmark, issue 8's speed suite and time-to-accuracy runs, issue 6's MRF iteration time), after
-# the CUDA-only tests. Run from the repository root. Three files go to $OUT (the device tool's
-# result folder, which brings back few files) or outputs/gpu: device_checks.log (every step's
-# output), unrolled.json and bench.json; training run folders go to outputs/gpu_runs.
+# benchmark, issue 8's speed suite and time-to-accuracy runs, issue 6's MRF iteration time, mixed
+# precision and torch.compile against fp32 eager training), after the CUDA-only tests. Run from the
+# repository root. Four files go to $OUT (the device tool's result folder, which brings back few
+# files) or outputs/gpu: device_checks.log (every step's
+# output), unrolled.json, bench.json and precision.json; training run folders go to outputs/gpu_runs.
 #
 #   bash scripts/device_checks.sh                      # every step
 #   STEPS="tests unrolled" bash scripts/device_checks.sh
+#   STEPS=precision bash scripts/device_checks.sh      # fp32 / bf16 / fp16 / compiled training, two presets
 #   STEPS=dvn DVN_SECONDS=420 bash scripts/device_checks.sh   # issue 4's horses DVN on a time budget (opt-in)
 #   DEVICE=cpu QUICK=1 bash scripts/device_checks.sh   # rehearsal on a CPU (tiny shapes, 1 epoch)
 #
@@ -21,10 +23,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-outputs/gpu}
 device=${DEVICE:-cuda}
-steps=${STEPS:-"tests unrolled suite mrf accuracy"}
+steps=${STEPS:-"tests unrolled suite mrf precision accuracy"}
 for s in $steps; do  # a mistyped step name would otherwise run nothing and exit 0
-  case " tests unrolled suite mrf accuracy dvn " in *" $s "*) ;;
-    *) echo "error: STEPS has an unknown step '$s'; choose among tests unrolled suite mrf accuracy dvn" >&2; exit 2 ;;
+  case " tests unrolled suite mrf precision accuracy dvn " in *" $s "*) ;;
+    *) echo "error: STEPS has an unknown step '$s'; choose among tests unrolled suite mrf precision accuracy dvn" >&2; exit 2 ;;
   esac
 done
 quick=${QUICK:-}
@@ -78,11 +80,16 @@ dvn() {  # issue 4: dvn_horses with many more updates than a CPU affords (the CP
     $cap ${DVN_ARGS:-}  # prints test mean_iou / global_iou (36 crops averaged) of best.pt
 }
 
-step tests python3 -m pytest -q -rs tests/test_chain.py tests/test_hdf5_stream.py tests/test_bench.py
+step tests python3 -m pytest -q -rs tests/test_chain.py tests/test_hdf5_stream.py tests/test_bench.py tests/test_precision.py
 step unrolled python3 scripts/bench_unrolled.py --device "$device" ${quick:+--steps 3 --repeats 1 --warmup 0 --batch 1} \
   --json "$out/unrolled.json"
 step suite python3 scripts/bench.py --suite all --device "$device" ${quick:+--quick} --json "$out/bench.json"
 step mrf python3 scripts/bench_mrf.py --device "$device" ${quick:+--iters 2}
+# trainer.precision / trainer.compile (docs/PERFORMANCE.md has the CPU rows): each mode in a fresh
+# process, 3 epochs per stage, ms per training step after each stage's first epoch
+precision_epochs=3; [ -n "$quick" ] && precision_epochs=2
+step precision python3 scripts/bench_precision.py --device "$device" --presets spen_bibtex crf_ocr_joint \
+  --modes fp32 bf16 fp16 compile bf16+compile --epochs "$precision_epochs" ${quick:+--synthetic} --json "$out/precision.json"
 step accuracy accuracy
 step dvn dvn
 exit $failed

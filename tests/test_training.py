@@ -83,12 +83,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def logged_rates(run) -> dict[int, float]:
-    """The learning rate the trainer logged after each epoch (TensorBoard tag "lr"), by epoch."""
+    """The learning rate the trainer logged after each epoch (TensorBoard tag "lr"), by epoch: both
+    are logged at the global step the epoch ended on, the epoch as the scalar "epoch"."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
-    return {s.step: s.value for s in events.Scalars("lr")}
+    epoch_at = {s.step: int(s.value) for s in events.Scalars("epoch")}
+    return {epoch_at[s.step]: s.value for s in events.Scalars("lr")}
 
 
 def test_cosine_schedule_anneals_the_rate_to_zero_over_the_stage(tmp_path):
@@ -124,7 +126,7 @@ def test_lr_schedule_is_per_stage_and_a_typo_names_the_key():
 def test_a_cosine_run_resumed_with_more_epochs_follows_the_longer_curve(tmp_path):
     """Resuming a finished 2-epoch cosine stage with stage_epochs=4 continues on the 4-epoch curve
     (CosineAnnealingLR would restore its 2-epoch period and climb back to lr); resuming it under the
-    plateau schedule is refused with the key to set."""
+    plateau schedule is refused naming the key (a resume continues what its checkpoint was trained with)."""
     from dsp.cli.train import train
 
     common = ["trainer=default", "trainer.lr_schedule=cosine", "trainer.patience=100", "trainer.progress=false",
@@ -136,7 +138,7 @@ def test_a_cosine_run_resumed_with_more_epochs_follows_the_longer_curve(tmp_path
     curve = lambda e, n: 1e-3 * (1 + math.cos(math.pi * e / n)) / 2  # noqa: E731
     assert [logged[e] for e in (1, 2, 3, 4)] == pytest.approx([curve(1, 2), curve(2, 2), curve(3, 4), curve(4, 4)],
                                                               rel=1e-6, abs=1e-12)
-    with pytest.raises(DspError, match=r"lr_schedule=cosine.*trainer.lr_schedule=cosine"):
+    with pytest.raises(DspError, match=r"trainer.lr_schedule: 'cosine' -> 'plateau'"):
         train(compose_cfg(*[c for c in common if "lr_schedule" not in c], "trainer.stage_epochs=6",
                           "trainer.resume=true"), run)
 
@@ -204,7 +206,7 @@ def test_the_probe_scores_the_same_examples_every_time_even_when_batches_augment
     trainer.task = SimpleNamespace(batch=lambda x, y: (x + torch.randn_like(x), y), takes_rows=False)  # augments on every call
     probe = lambda model, x, y: seen.append(x.clone()) or {"nll_converged": x.sum().item()}
     stage = SimpleNamespace(objective=SimpleNamespace(probe=probe))
-    writer = SimpleNamespace(add_scalar=lambda *a: None)
+    writer = SimpleNamespace(scalar=lambda *a: None)
     trainer._probe(stage, writer)
     trainer._probe(stage, writer)
     assert seen[0].shape == (3, 2) and seen[0].abs().sum() > 0

@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from dsp.cli.common import config_dir, user_errors
 from dsp.errors import DspError
 from dsp.training.checkpoint import _LEGACY_NUMPY, _atomic, load_checkpoint
-from dsp.training.run_folder import MAY_CHANGE
+from dsp.training.run_folder import may_change
 
 # The tasks' headline metrics (Task.main_metric), tried in this order when metric=auto.
 HEADLINE = ("example_f1", "chunk_f1", "char_acc", "mean_iou", "psnr")
@@ -212,7 +212,7 @@ def changed_settings(overrides: dict[str, str], config: dict) -> list[tuple[str,
         name = override.key_or_group
         if (override.type == OverrideType.DEL or override.package is not None or override.is_sweep_override()
                 or "/" in name or name == "hydra" or name.startswith("hydra.")
-                or any(name == k or name.startswith(k + ".") for k in MAY_CHANGE)):  # a resume may change these
+                or may_change(name)):  # a resume may change these
             continue
         value = override.value()
         stored = _lookup(config, name)

@@ -21,6 +21,7 @@ from dsp.cli.common import config_dir, print_table, user_errors
 from dsp.training import distributed
 from dsp.training import run_folder
 from dsp.training.checkpoint import load_latest, refuse_used_run_dir
+from dsp.training.loggers import check_logger
 from dsp.training.config_checks import check_settings, check_trainer
 from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted, hand_on
 from dsp.training.trainer import Trainer, resolve_device
@@ -132,6 +133,8 @@ def check_run(cfg: DictConfig, choices=None) -> None:
     """Every setting and the parts' fit, before Hydra creates a folder (the trainer's settings too)."""
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer)
+    if cfg.get("logger") is not None:  # a logger whose package is missing, before a folder is made
+        check_logger(OmegaConf.to_container(cfg.logger, resolve=True))
     check_config(cfg, choices)
 
 

@@ -12,6 +12,8 @@ from importlib import resources
 from omegaconf import DictConfig, OmegaConf
 
 from dsp.errors import DspError
+from dsp.training.compiling import check_compile
+from dsp.training.precision import check_precision
 from dsp.schema import Seed, check_settings, check_value  # noqa: F401 -- check_settings: the run's other settings
 
 # key: (kind, lower bound, whether the bound itself is allowed, whether null is allowed)
@@ -65,9 +67,14 @@ def check_number(where: str, value, kind: str, low: float, inclusive: bool, null
 
 
 @functools.cache
+def trainer_defaults() -> dict:
+    """The trainer's settings and their shipped values (conf/trainer/default.yaml)."""
+    return OmegaConf.to_container(OmegaConf.load(resources.files("dsp.conf") / "trainer" / "default.yaml"))
+
+
 def _trainer_keys() -> frozenset[str]:
     """The trainer's settings: the keys of the shipped conf/trainer/default.yaml."""
-    return frozenset(OmegaConf.load(resources.files("dsp.conf") / "trainer" / "default.yaml").keys())
+    return frozenset(trainer_defaults())
 
 
 def check_trainer(trainer: DictConfig) -> None:
@@ -95,6 +102,10 @@ def check_trainer(trainer: DictConfig) -> None:
         except DspError:
             raise DspError(f"trainer.threshold={threshold!r}: give tune (chosen on validation data) "
                            f"or a number between 0 and 1") from None
+    if "precision" in trainer:  # (device-dependent support is checked when the trainer starts)
+        check_precision(trainer.precision)
+    if "compile" in trainer:
+        check_compile(trainer.get("compile"))
     device = str(trainer.get("device", "auto"))
     if not _DEVICE.match(device):
         raise DspError(f"trainer.device={device!r}: choose auto, cpu, cuda or cuda:N")

@@ -7,7 +7,8 @@ checkpoints); everything that watches or adjusts it is a Hook, called at fixed p
                      or continued from a checkpoint (resume is its state)
     should_stop      before every epoch (except when a resumed half epoch is finished first)
     on_step_end      after every optimiser step
-    on_epoch_end     after an epoch's last step, before its validation
+    on_epoch_end     after an epoch's last step, before its validation; `writer` is the run's
+                     dsp.training.loggers.Logger (log at trainer.step, the run's one step axis)
     on_validation    the monitored metric of a validation (epoch 0: the stage's baseline) -> Verdict
     on_stage_end     the stage's epochs are over
     on_weights_loaded  the live model's weights were replaced (best.pt reloaded)

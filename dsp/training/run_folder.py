@@ -22,16 +22,19 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dsp.errors import DspError
+from dsp.training.config_checks import trainer_defaults
 
 LOCK_NAME = ".dsp.lock"
 PREEMPTED = "preempted.json"  # checkpoints/preempted.json: the run stopped on a signal and has not finished
 RECORD_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")
 RECORD_COPY = "accepted"  # .hydra/accepted/: the record of the run's last accepted start
 
-# Settings a resume may change: when to stop, where it runs, what it prints and where files live.
-MAY_CHANGE = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time_s", "trainer.stop_at", "trainer.device",
-              "trainer.progress", "trainer.log_every", "trainer.eval_batch_size", "trainer.resume", "paths",
-              "data.cache_dir", "logger", "trainer.compile")  # (logger: where scalars go; compile: how, not what)
+# Settings a resume may change: when to stop, where it runs, what it prints and where files live
+# (logger: where scalars go; compile: how the same function is computed, not what).
+MAY_CHANGE = ("trainer.max_epochs", "trainer.stage_epochs", "trainer.patience", "trainer.max_steps",
+              "trainer.max_time_s", "trainer.stop_at", "trainer.device", "trainer.progress", "trainer.log_every",
+              "trainer.eval_batch_size", "trainer.resume", "paths", "data.cache_dir", "logger", "trainer.compile")
+STAGE_MAY_CHANGE = ("max_epochs", "patience")  # trainer.stages.<name>.<key>
 
 _held: dict[Path, int] = {}  # run folder -> file descriptor holding its lock (this process's)
 
@@ -165,15 +168,35 @@ def _same(key: str, old, new) -> bool:
     return False
 
 
+def may_change(key: str) -> bool:
+    """A setting a resume may change (MAY_CHANGE, and each stage's max_epochs and patience)."""
+    parts = key.split(".")
+    return (any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+            or (len(parts) == 4 and parts[:2] == ["trainer", "stages"] and parts[3] in STAGE_MAY_CHANGE))
+
+
+def _shipped_default(key: str):
+    """The value conf/trainer/default.yaml gives a trainer key (a checkpoint from before the key
+    existed was trained with it), or a marker when there is none."""
+    name = key.removeprefix("trainer.")
+    return trainer_defaults().get(name, _NONE) if key.startswith("trainer.") and "." not in name else _NONE
+
+
+_NONE = object()
+
+
 def changed_keys(stored: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, checkpoint's value, new value) of every setting that differs and may not change."""
+    """(key, checkpoint's value, new value) of every setting that differs and may not change. A
+    trainer key the checkpoint's config lacks counts as its shipped default."""
     old, now = dict(_leaves(stored)), dict(_leaves(new))
     missing = object()
     out = []
     for key in sorted(set(old) | set(now)):
-        if key.startswith("hydra.") or any(key == k or key.startswith(k + ".") for k in MAY_CHANGE):
+        if key.startswith("hydra.") or may_change(key):
             continue
         a, b = old.get(key, missing), now.get(key, missing)
+        if a is missing and _shipped_default(key) is not _NONE:
+            a = _shipped_default(key)
         if not _same(key, a, b):
             out.append((key, "(absent)" if a is missing else a, "(absent)" if b is missing else b))
     return out

@@ -103,7 +103,7 @@ class OnlineScaling(Hook):
         logs = choose_unary_scale(trainer.predictor, stage.objective, *trainer.splits[self.split], seed=trainer.seed,
                                   inference=trainer.inference, **self.settings)
         for k, v in logs.items():
-            writer.add_scalar(k, v, trainer.global_epoch)
+            writer.scalar(k, v, trainer.step)  # the run's one step axis (dsp.training.loggers)
         if trainer.predictor is not trainer.model:
             trainer.model.unary_scale.copy_(trainer.predictor.unary_scale)
         trainer.dist.broadcast_module(trainer.model)  # ddp: rank 0's choice of α everywhere

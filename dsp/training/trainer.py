@@ -1,9 +1,10 @@
 """The training loop: stages, optimiser and schedule, validation with threshold tuning, early
-stopping, crash-safe checkpoints, resume, TensorBoard and tqdm.
+stopping, crash-safe checkpoints, resume, logging (dsp.training.loggers) and progress.
 
 Run folder (the contract other tools rely on):
     checkpoints/last.pt   every epoch        checkpoints/best.pt   on validation improvement
-    tb/                   TensorBoard        metrics.json          final "<split>/<metric>" numbers
+    tb/                   TensorBoard (logger=tensorboard, the default; logger=csv: scalars.csv)
+    metrics.json          final "<split>/<metric>" numbers
     environment.json      one record per start (fresh or resumed) of where it ran (dsp.training.provenance)
 last.pt is also written when a stage starts and, on SIGTERM, in the middle of an epoch
 (`epoch_offset` examples into epoch `epoch + 1`); its predecessor is kept as last.prev.pt. Resuming
@@ -17,16 +18,21 @@ batch and gradients are all-reduced explicitly; only rank 0 writes the run folde
 process takes the same step path (Single: every collective is the identity).
 Early stopping, the weight average (trainer.ema_decay) and online scaling (trainer.online_scaling)
 are hooks (dsp.training.hooks) called at fixed points of the loop.
+Every scalar is logged against the global step (train/* every trainer.log_every steps; val/*, lr and
+`epoch` at the step each epoch ends); a resume continues that axis. trainer.precision runs each
+training step's forward pass and loss under autocast (dsp.training.precision; validation and
+evaluation stay float32), trainer.compile compiles the model's parts (dsp.training.compiling).
+Progress: tqdm bars on a terminal; when stderr is not one (a Slurm log), one line per epoch.
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import closing
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dsp.errors import DspError
@@ -35,10 +41,13 @@ from dsp.tasks import takes_rows, task_for
 from dsp.training import run_folder
 from dsp.training.checkpoint import (RESUME_KEYS, load_checkpoint, load_latest, refuse_used_run_dir, rng_state,
                                      save_checkpoint, set_rng_state, write_json)
+from dsp.training.compiling import Compiled
 from dsp.training.config_checks import check_trainer
 from dsp.training.distributed import Single
 from dsp.training.ema import WeightAverage
 from dsp.training.hooks import EarlyStopping, Hook, Verdict
+from dsp.training.loggers import DEFAULT as DEFAULT_LOGGER, Logger, check_logger, make_logger
+from dsp.training.precision import Precision
 from dsp.training.preemption import Preempted, StopRequest, after_step
 from dsp.training.provenance import append_environment
 from dsp.training.scaling import OnlineScaling
@@ -83,11 +92,13 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
-class _NoWriter:
-    """TensorBoard on ranks other than 0 under trainer.strategy=ddp: nothing is written."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+def _hparam_value(value):
+    """A setting as TensorBoard's hparams take it (int, float, str, bool), or None to leave it out."""
+    if isinstance(value, (int, float, str, bool)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str, bool)) for v in value):
+        return str(list(value))  # e.g. hidden=[400, 400], a stage's train=[global_energy]
+    return None
 
 
 class Trainer:
@@ -102,6 +113,12 @@ class Trainer:
             set_seed(seed + 1_000_003 * self.dist.rank)
         self.data, self.run_dir, self.device = data, Path(run_dir), device
         self.config_dict, self.seed = config_dict, seed
+        # where scalars go (checked now: a logger whose package is missing is refused before training)
+        config_dict = config_dict if isinstance(config_dict, dict) else {}
+        self.logger_spec = check_logger(config_dict["logger"] if "logger" in config_dict else DEFAULT_LOGGER)
+        # trainer.precision (autocast in training steps) and trainer.compile (the model's parts)
+        self.precision = Precision(cfg.get("precision") or "fp32", device)
+        self.compiled = Compiled(self.model, cfg.get("compile", False), device, verbose=self.main)
         self.task = task if task is not None else task_for(data)
         # trainer.monitor=auto: the task's headline metric (example_f1, char_acc, chunk_f1)
         self.monitor = self.task.main_metric if cfg.monitor in (None, "auto") else cfg.monitor
@@ -191,6 +208,7 @@ class Trainer:
             "elapsed_s": self.elapsed_s(),
             "target_reached_s": self.target_reached_s,
             "rng": rng_state(),
+            **self.precision.state_dict(),  # trainer.precision=fp16: the gradient scaler's scale
             # objectives with state of their own (the MRF's per-example messages; rank 0's under ddp)
             "objectives": {s.name: s.objective.state_dict() for s in self.stages if _keeps_state(s.objective)},
             **(self._rank_states() if self.dist.enabled else {}),
@@ -250,6 +268,7 @@ class Trainer:
         except RuntimeError as err:
             raise DspError(f"{last} does not fit the model of this config ({err}); resume with the run's own config") from None
         self.step, self.global_epoch = state["step"], state["global_epoch"]
+        self.precision.load_state_dict(state)
         ranks = state.get("rng_ranks")
         set_rng_state(ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world_size else state["rng"])
         for s in self.stages:
@@ -282,7 +301,9 @@ class Trainer:
         self.dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
         if self.main:
             append_environment(self.run_dir / "environment.json", self.device)
-        writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else _NoWriter()
+        # every logger continues the step axis of the checkpoint a resume starts from (dsp.training.loggers)
+        writer = (make_logger(self.logger_spec, self.run_dir, resume_step=None if resume is None else resume["step"],
+                              params=self.hparams()) if self.main else Logger())
         if resume is None and self.cfg.get("init_from"):  # warm start: weights only (dsp.training.warm_start)
             path, n = warm_start(self.model, self.cfg.init_from, self.cfg.get("init_parts", "all"))
             self.write(f"warm start: {n} weight tensors from {path}")
@@ -309,15 +330,14 @@ class Trainer:
                     metrics["train/time_to_target_s"] = self.target_reached_s
                 metrics["train/epochs"] = self.global_epoch
                 metrics.update(peak_memory_mb(self.device))
-                writer.add_hparams(self.hparams(), {f"hparam/{k}": v for k, v in metrics.items() if v is not None},
-                                  run_name=".")
+                writer.hparams(self.hparams(), {k: v for k, v in metrics.items() if v is not None})
             metrics = self.dist.broadcast_object(metrics)
         if self.main:
             write_json(metrics, self.run_dir / "metrics.json")
             run_folder.clear_preempted(self.run_dir)  # finished: a new start here is refused again
         return metrics
 
-    def _fit_stage(self, index: int, writer: SummaryWriter, resume: dict | None) -> None:
+    def _fit_stage(self, index: int, writer: Logger, resume: dict | None) -> None:
         """The loop of one stage: epochs of optimiser steps, each followed by a validation and the
         checkpoints; early stopping, the weight average and online scaling are hooks (self.hooks)."""
         stage = self.stages[index]
@@ -340,7 +360,10 @@ class Trainer:
             # (whose end reloads best.pt, by now this stage's file).
             self._save_last(state)
         x, y = self.splits["train"]
-        progress = self.cfg.progress and self.main
+        # trainer.progress: tqdm bars on a terminal; one line per epoch when stderr is not one (a
+        # Slurm log, a pipe), where every refresh of a bar would be a line of its own
+        progress = self.cfg.progress and self.main and sys.stderr.isatty()
+        lines = self.cfg.progress and self.main and not progress
         epochs = tqdm(range(first_epoch, stage.max_epochs + 1), desc=f"stage {stage.name}",
                       disable=not progress, leave=False, dynamic_ncols=True)
         if stage.batch_size < self.dist.world_size:
@@ -365,7 +388,7 @@ class Trainer:
                            disable=not progress, leave=False, dynamic_ncols=True)
             stream = self._stream(perm, stage.batch_size, offset)
             offset = 0
-            running = None
+            running, loss_sum, loss_steps, epoch_start = None, 0.0, 0, time.perf_counter()
             for start in batches:
                 idx = perm[start : start + stage.batch_size]
                 step_start = time.perf_counter()
@@ -383,27 +406,28 @@ class Trainer:
                 stop = self._stop.requested  # (ddp: agreed on by all ranks in reduce_step)
                 if hi > lo:  # (ddp: a rank may get no example of a short last batch)
                     batch = self.task.batch(xb, yb, **rows)
-                    loss, logs = stage.objective.loss(self.model, self.inference, *batch, **extra)
-                    if hi - lo < len(idx):  # ddp: weighted by slice size, the summed gradients are the
-                        loss = loss * ((hi - lo) / len(idx))  # global batch's (one process: not even × 1.0)
-                    loss.backward()
+                    # ddp: weighted by slice size, the summed gradients are the global batch's (one process: not even × 1.0)
+                    weight = (hi - lo) / len(idx) if hi - lo < len(idx) else None
+                    loss, logs = self._loss_and_backward(stage, optimizer, batch, extra, weight)
                 # ddp: gradients summed over ranks, the global loss and whether any rank was asked to stop
                 value, stop = self.dist.reduce_step(params, loss, stop)
                 self._check_finite(value, stage, epoch)
                 self.dist.sync_store(store, idx, lo, hi)
                 if self.cfg.grad_clip:
+                    self.precision.unscale(optimizer)  # fp16: clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-                optimizer.step()
+                self.precision.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
                 self._call("on_step_end", stage)
                 self.step += 1
                 self.train_seconds += time.perf_counter() - step_start
                 self._probe(stage, writer)
                 running = value if running is None else 0.9 * running + 0.1 * value
+                loss_sum, loss_steps = loss_sum + value, loss_steps + 1
                 batches.set_postfix(loss=f"{running:.4f}")
                 if self.step % self.cfg.log_every == 0:
-                    writer.add_scalar(f"train/loss_{stage.name}", value, self.step)
+                    writer.scalar(f"train/loss_{stage.name}", value, self.step)
                     for k, v in logs.items():
-                        writer.add_scalar(f"train/{k}", float(v), self.step)
+                        writer.scalar(f"train/{k}", float(v), self.step)
                 after_step(self.step)  # the kill / preemption test hook (dsp.training.preemption)
                 if self._out_of_steps():
                     break  # (a SIGTERM now stops after this epoch's validation)
@@ -420,6 +444,11 @@ class Trainer:
             if self.main:
                 self._log_epoch(writer, stage, metrics, threshold, iters, optimizer)
             epochs.set_postfix({self.monitor: f"{current:.2f}", "best": f"{self.early_stopping.best:.2f}"})
+            if lines:
+                loss_text = f"loss {loss_sum / loss_steps:.4f}" if loss_steps else "no steps"
+                print(f"stage {stage.name} epoch {epoch}/{stage.max_epochs} (step {self.step}): {loss_text}, "
+                      f"val {self.monitor} {current:.2f} (best {self.early_stopping.best:.2f}), "
+                      f"{time.perf_counter() - epoch_start:.1f} s", file=sys.stderr, flush=True)
             state = self._state(index, epoch, threshold, optimizer, scheduler)
             if verdict.best:
                 self._save(state, "best.pt")
@@ -449,6 +478,25 @@ class Trainer:
                 f"is {self.ckpt_dir / 'last.pt'}. Lower the learning rate or add weight decay."
             )
 
+    def _loss_and_backward(self, stage: Stage, optimizer, batch, extra: dict, weight: float | None):
+        """The objective's loss on a batch under trainer.precision's autocast, and its backward
+        (fp16: scaled). trainer.compile: an error while compiled (in the compiled forward or its
+        backward, e.g. a double backward) turns compilation off and repeats the step eagerly."""
+        while True:
+            try:
+                with self.precision.autocast():
+                    loss, logs = stage.objective.loss(self.model, self.inference, *batch, **extra)
+                if weight is not None:
+                    loss = loss * weight
+                self.precision.backward(loss)
+                return loss, logs
+            except DspError:
+                raise
+            except Exception as err:  # noqa: BLE001 -- re-raised unless compilation was the cause
+                if not self.compiled.revert(err):
+                    raise
+                optimizer.zero_grad(set_to_none=True)  # what the failed backward accumulated
+
     def _stream(self, perm: torch.Tensor, batch_size: int, start: int):
         """data.stream=true (Word50) or trainer.stream=true (any dataset): read this epoch's training
         batches from an HDF5 file in a background thread — the same examples in the same order as
@@ -467,7 +515,7 @@ class Trainer:
         return iter(PrefetchBatches(source, "train", perm.cpu(), batch_size, start=start,
                                     pin_memory=self.device.type == "cuda"))
 
-    def _probe(self, stage: Stage, writer: SummaryWriter) -> None:
+    def _probe(self, stage: Stage, writer: Logger) -> None:
         """trainer.probe_every > 0: every that many steps, log the objective's probe (e.g. the MRF's
         converged training NLL) on the first trainer.probe_size training examples, against the
         training time so far (Chen et al. Fig. 9 plots NLL against time)."""
@@ -481,9 +529,9 @@ class Trainer:
             self._probe_batch = self.task.batch(x, y, **rows)
         with torch.no_grad():
             values = probe(self.model, *self._probe_batch)
-        writer.add_scalar("time/train_s", self.train_seconds, self.step)
+        writer.scalar("time/train_s", self.train_seconds, self.step)
         for k, v in values.items():
-            writer.add_scalar(f"train/{k}", v, self.step)
+            writer.scalar(f"train/{k}", v, self.step)
 
     def _out_of_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
@@ -507,30 +555,33 @@ class Trainer:
         return spent
 
     def _log_epoch(self, writer, stage, metrics, threshold, iters, optimizer) -> None:
-        e = self.global_epoch
+        """After an epoch's validation, at the global step the epoch ended on (the axis of train/*);
+        the epoch itself is the scalar `epoch` (epochs so far, counted across stages)."""
+        s = self.step
+        writer.scalar("epoch", self.global_epoch, s)
         for k, v in metrics.items():
-            writer.add_scalar(f"val/{k}", v, e)
+            writer.scalar(f"val/{k}", v, s)
         if threshold is not None:
-            writer.add_scalar("val/threshold", threshold, e)
-        writer.add_scalar("val/inference_iters", iters, e)
-        writer.add_scalar("lr", optimizer.param_groups[0]["lr"], e)
-        writer.add_scalar("time/elapsed_s", time.time() - self.fit_start, e)  # wall clock, validation included
+            writer.scalar("val/threshold", threshold, s)
+        writer.scalar("val/inference_iters", iters, s)
+        writer.scalar("lr", optimizer.param_groups[0]["lr"], s)
+        writer.scalar("time/elapsed_s", time.time() - self.fit_start, s)  # wall clock, validation included
         if self._last_val is not None:  # e.g. denoising: noisy / prediction / clean
             for name, arr in self.task.figures(*self._last_val).items():
-                writer.add_image(f"val/{name}", arr, e, dataformats="HW")
+                writer.image(f"val/{name}", arr, s, dataformats="HW")
         # e.g. the CRF's unary / pairwise ratio (scaling paper, Fig. 1b)
         x, y = (t[: self.cfg.eval_batch_size] for t in self.splits["train"])
         for k, v in self.model.diagnostics(x, y).items():
-            writer.add_scalar(k, v, e)
+            writer.scalar(k, v, s)
         # e.g. the MRF's pairwise tables (Chen et al. Fig. 5, 8), a SPEN's measurements C1 (SPEN Fig. 1)
         for name, img in self.model.images().items():
-            writer.add_image(f"model/{name}", img, e, dataformats="HW")
+            writer.image(f"model/{name}", img, s, dataformats="HW")
 
     def _log_inference_figures(self, writer, predict_mode) -> None:
         """Once, with best.pt loaded: e.g. the DVN's shape prior and inference trajectory (Figure 5, 1)."""
         for name, img in self.task.inference_figures(self.model, self.inference, self.splits["train"], self.splits["val"],
                                  self.cfg.eval_batch_size, predict_mode).items():
-            writer.add_image(f"figures/{name}", img, self.global_epoch, dataformats="HWC")
+            writer.image(f"figures/{name}", img, self.step, dataformats="HWC")
 
     def final_metrics(self) -> tuple[dict, object]:
         """Reload best.pt and evaluate val and test with its validation-tuned threshold;
@@ -546,14 +597,21 @@ class Trainer:
         return out, state["predict"]
 
     def hparams(self) -> dict:
+        """The run's identity as flat settings: seed, the data's settings (data.*: loader, files,
+        sizes) and the sizes read from it (dims.*, examples.<split>), model.*, inference.*,
+        objective.* and trainer.*; lists of plain values as their text."""
         flat = {}
 
         def walk(prefix, node):
             if isinstance(node, dict):
                 for k, v in node.items():
                     walk(f"{prefix}.{k}" if prefix else str(k), v)
-            elif isinstance(node, (int, float, str, bool)):
-                flat[prefix] = node
+            elif (value := _hparam_value(node)) is not None:
+                flat[prefix] = value
 
-        walk("", {k: self.config_dict.get(k) for k in ("model", "inference", "objective", "trainer")})
+        config = self.config_dict if isinstance(self.config_dict, dict) else {}
+        walk("", {k: config.get(k) for k in ("seed", "data", "dims", "model", "inference", "objective", "trainer")})
+        flat.setdefault("seed", self.seed)
+        for split, tensors in getattr(self, "splits", {}).items():
+            flat[f"examples.{split}"] = int(tensors[0].shape[0])
         return flat
