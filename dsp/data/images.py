@@ -36,10 +36,16 @@ coverage of the originals (area-pooled, ≥ 1/2) at 93.2 % mean IoU against 97.9
 a ceiling on any model's score against them. Every horses figure in docs/RESULTS.md before the
 section on JPEG draft decoding used True. All 328 horses load in about a second either way, so
 there is no cache.
+
+`load_masks` reads any two folders of image / mask pairs matched by file name (data=masks), with
+any mask encoding a binary segmentation (module docstring of that function). Every image is opened
+behind a pixel limit (PIL's Image.MAX_IMAGE_PIXELS, about 89 million): a larger one, which could
+exhaust memory while decoding (a "decompression bomb"), is refused in one line naming the file.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -49,10 +55,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dsp import interfaces as I
-from dsp.data.splits import NamedSplits
+from dsp.data.splits import NamedSplits, holdout
 from dsp.errors import DspError
 from dsp.data.augment import AugmentSettings, augment_settings, geometric
-from dsp.schema import Size
+from dsp.schema import Count, OpenFraction, Size
 
 IMAGE_DIR, MASK_DIR = "rgb", "figure_ground"
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -119,19 +125,45 @@ def image_mask_pairs(root: Path) -> list[tuple[str, Path, Path]]:
     return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
 
+def open_image(path: Path):
+    """PIL's Image.open(path), refusing an image above PIL's pixel limit (Image.MAX_IMAGE_PIXELS) in one
+    line: decoding it could exhaust memory. Unreadable files are refused too. The caller closes it."""
+    from PIL import Image, UnidentifiedImageError
+
+    limit = Image.MAX_IMAGE_PIXELS
+    advice = ("shrink or crop it (the loader resizes every image to data.size anyway) or remove it from the "
+              "folder")
+    try:
+        with warnings.catch_warnings():  # PIL only warns between the limit and twice the limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        pixels = str(err).split("(")[1].split()[0] if "(" in str(err) else "too many"
+        raise DspError(f"image {path} is too large to decode safely ({pixels} pixels, PIL's limit is "
+                       f"{limit:,}); {advice}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DspError(f"cannot read image {path}: {err}; replace or remove the file") from None
+    if limit and im.size[0] * im.size[1] > limit:
+        w, h = im.size
+        im.close()
+        raise DspError(f"image {path} is too large to decode safely ({w}×{h} = {w * h:,} pixels, PIL's limit is "
+                       f"{limit:,}); {advice}")
+    return im
+
+
 def read_resized(path: Path, mode: str, size: int, draft: bool = False) -> np.ndarray:
     """One image file as a size×size uint8 array (PIL mode "RGB" or "L"), bilinear; `draft`: JPEG
     draft decoding first (module docstring)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as im:
+    with open_image(path) as im:
+        try:
             if draft:  # JPEG: decode at a reduced scale (>= size) first (module docstring)
                 im.draft(mode, (size, size))
             im = im.convert(mode).resize((size, size), Image.BILINEAR)
             return np.asarray(im)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DspError(f"cannot read image {path}: {err}; replace or remove the file") from None
+        except OSError as err:  # truncated or damaged data
+            raise DspError(f"cannot read image {path}: {err}; replace or remove the file") from None
 
 
 def _range(name: str, value, n: int) -> tuple[int, int]:
@@ -219,3 +251,156 @@ def load_horses(root: str | os.PathLike, size: Size = 32, train: tuple[Size, Siz
         side = size * warp_source_scale
         source = (images(index["train"], side), soft_masks(index["train"], side))
     return ImageMaskSplits(**splits, names=names, warp_source=source, **protocol)
+
+
+# ---------------------------------------------------------------------------- any image / mask folders
+
+LOSSY = (".jpg", ".jpeg")
+MASK_SUFFIXES = ("_mask", "-mask", "_masks", "_seg", "-seg", "_gt", "-gt", "_label", "_labels")
+BINARY_MODELS = "model=gcrf, unet, fcn, dvn_seg and dvn_seg_unet"
+
+
+def _pairs(images: Path, masks: Path, key: str) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) by file name: the same stem, or the mask's stem with a suffix such as
+    `_mask` (MASK_SUFFIXES) after the image's; every image needs a mask and every mask an image."""
+    for folder, which in ((images, f"data.{key}images"), (masks, f"data.{key}masks")):
+        if not folder.is_dir():
+            raise DspError(f"{which}={folder} is not a folder; give the folder that holds the "
+                           f"{'images' if 'images' in which else 'masks'}")
+    image_files = _images_in(images)
+    if not image_files:
+        raise DspError(f"{images} holds no images ({', '.join(EXTENSIONS)})")
+    mask_files = {}
+    for stem, path in _images_in(masks).items():
+        if stem not in image_files:
+            stem = next((stem[: -len(sfx)] for sfx in MASK_SUFFIXES if stem.endswith(sfx)
+                         and stem[: -len(sfx)] in image_files), stem)
+        if stem in mask_files:
+            raise DspError(f"{masks} holds two masks for the image {stem!r} ({mask_files[stem].name}, {path.name}); keep one")
+        mask_files[stem] = path
+    for have, lack, kind, where in ((image_files, mask_files, "mask", masks), (mask_files, image_files, "image", images)):
+        missing = sorted(set(have) - set(lack))
+        if missing:
+            raise DspError(f"{have[missing[0]]} has no {kind} of the same name in {where} ({len(missing)} unmatched in "
+                           f"all); pairs are matched by file name (a mask may add {MASK_SUFFIXES[0]} or "
+                           f"{MASK_SUFFIXES[1]}), the extensions may differ")
+    return [(stem, image_files[stem], mask_files[stem]) for stem in sorted(image_files)]
+
+
+def _mask_values(path: Path) -> np.ndarray:
+    """A mask file's values at its own resolution: palette indices for a palette PNG, grey levels
+    otherwise (colour masks are turned to grey, so each colour is one level)."""
+    with open_image(path) as im:
+        try:
+            if im.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                im = im.convert("L")
+            values = np.asarray(im)
+        except OSError as err:
+            raise DspError(f"cannot read mask {path}: {err}; replace or remove the file") from None
+    return values.astype(np.int64)
+
+
+def _binary_masks(pairs, foreground, threshold) -> list[np.ndarray]:
+    """Each pair's mask as float32 0/1 at the mask's own resolution (the rules of load_masks)."""
+    masks = [_mask_values(m) for _, _, m in pairs]
+    lossless = [i for i, (_, _, m) in enumerate(pairs) if m.suffix.lower() not in LOSSY]
+    if foreground is not None:
+        wanted = [int(v) for v in foreground]
+        seen = set().union(*(np.unique(m).tolist() for m in masks))
+        if not seen & set(wanted):
+            raise DspError(f"data.foreground={wanted}, but no mask holds any of these values (they hold "
+                           f"{', '.join(map(str, sorted(seen)[:12]))}); name the values of the foreground classes")
+        return [np.isin(m, wanted).astype(np.float32) for m in masks]
+    if threshold is not None:
+        return [(m >= threshold).astype(np.float32) for m in masks]
+    values: set[int] = set()
+    for i in lossless:
+        new = set(np.unique(masks[i]).tolist()) - values
+        if len(values | new) > 2:
+            stem, _, path = pairs[i]
+            every = sorted(values | new)
+            raise DspError(
+                f"the masks hold {'more than two' if len(every) > 3 else 'three'} values ({', '.join(map(str, every[:8]))}"
+                f"{', ...' if len(every) > 8 else ''}; the third first in {path}): a multi-class segmentation, but the "
+                f"segmentation models here ({BINARY_MODELS}) predict one foreground class against the background; "
+                f"set data.foreground=[VALUES] to train those classes against the rest, or data.threshold=128 for "
+                f"greyscale masks (anti-aliased edges)")
+        values |= new
+    lossy = set(range(len(masks))) - set(lossless)
+    top = max(values) if len(values) == 2 else 1  # two values: the larger is foreground; one: any but 0
+    # JPEG masks: compression noise around 0 and 255 (the horses' masks): thresholded at 128.
+    return [((m >= 128) if i in lossy else (m >= top)).astype(np.float32) for i, m in enumerate(masks)]
+
+
+def _resized_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A 0/1 float mask resized to size×size (bilinear, so the coverage of each new pixel), then cut at 1/2."""
+    from PIL import Image
+
+    soft = np.asarray(Image.fromarray(mask, mode="F").resize((size, size), Image.BILINEAR))
+    return (soft >= 0.5).astype(np.float32)
+
+
+def _read_pairs(pairs, size: int, grayscale: bool, foreground, threshold, draft: bool):
+    mode = "L" if grayscale else "RGB"
+    x = np.stack([read_resized(img, mode, size, draft) for _, img, _ in pairs]).astype(np.float32) / 255.0
+    x = x[:, None] if grayscale else x.transpose(0, 3, 1, 2)
+    masks = _binary_masks(pairs, foreground, threshold)
+    for (_, img, m), mask in zip(pairs, masks):
+        with open_image(img) as im:
+            iw, ih = im.size
+        mh, mw = mask.shape
+        if abs(iw / ih - mw / mh) > 0.05 * (iw / ih) + 1.0 / min(mh, ih):
+            raise DspError(f"the mask {m} is {mw}×{mh} but its image {img} is {iw}×{ih}, another shape: is it the "
+                           f"mask of another image? Masks may be of another size, not of another aspect ratio")
+    y = np.stack([_resized_mask(mask, size) for mask in masks])
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+
+
+def load_masks(images: str | os.PathLike, masks: str | os.PathLike, test_images: str | os.PathLike | None = None,
+               test_masks: str | os.PathLike | None = None, size: Size = 64, val_fraction: OpenFraction = 0.2,
+               test_fraction: OpenFraction = 0.2, split_seed: Count = 0, grayscale: bool = False,
+               foreground: list[Count] | None = None, threshold: Size | None = None, crop: Size | None = None,
+               flip: bool = False, test_crops: Size | None = None,
+               combine: Literal["average", "joint"] = "average", augment: AugmentSettings = None,
+               jpeg_draft: bool = False) -> ImageMaskSplits:
+    """Binary segmentation from any folder of images and a folder of their masks, matched by name.
+
+    Pairs: images/NAME.ext and masks/NAME.ext, or masks/NAME_mask.ext (the suffixes of
+    MASK_SUFFIXES); .jpg, .jpeg, .png, .bmp; images and masks may differ in size (not in shape).
+    Every image and mask is resized to size×size (bilinear; a mask by its coverage, cut at 1/2).
+    Test: test_images / test_masks when given, else `test_fraction` of the pairs; validation:
+    `val_fraction` of the rest (both with split_seed).
+
+    Masks (foreground = 1): PNG/BMP masks of two values, whatever they are ({0, 1}, {0, 255}, a
+    two-colour palette), take the larger as foreground; one value alone is background everywhere
+    (value 0) or foreground everywhere. JPEG masks are thresholded at 128 (compression blurs the
+    values). Three or more values are a multi-class segmentation, which every segmentation model
+    here refuses to learn (they predict one foreground class): `foreground=[v, ...]` trains the
+    classes of those values (palette indices or grey levels) against the rest; `threshold=t`
+    counts every value >= t as foreground (greyscale or anti-aliased masks).
+    The crop protocol keys (crop, flip, test_crops, combine) and augment are those of load_horses.
+    """
+    size = int(size)
+    protocol = _crop_settings(size, crop, flip, test_crops, combine)
+    protocol["augment"] = augment_settings(augment)
+    if (test_images is None) != (test_masks is None):
+        raise DspError("data.test_images and data.test_masks go together: give both (a test folder pair) or "
+                       "neither (test_fraction of the pairs is held out)")
+    pairs = _pairs(Path(images), Path(masks), "")
+    x, y = _read_pairs(pairs, size, grayscale, foreground, threshold, jpeg_draft)
+    idx = torch.arange(len(pairs))
+    if test_images is None:
+        rest, test_idx = holdout(idx, idx, test_fraction, split_seed + 1, source=str(images), key="data.test_fraction")
+        rest, test_idx = rest.tensors[0], test_idx.tensors[0]
+        test = TensorDataset(x[test_idx], y[test_idx])
+        test_names = [pairs[i][0] for i in test_idx.tolist()]
+    else:
+        test_pairs = _pairs(Path(test_images), Path(test_masks), "test_")
+        test = TensorDataset(*_read_pairs(test_pairs, size, grayscale, foreground, threshold, jpeg_draft))
+        rest, test_names = idx, [p[0] for p in test_pairs]
+    fit, val = holdout(rest, rest, val_fraction, split_seed, source=str(images))
+    fit_idx, val_idx = fit.tensors[0], val.tensors[0]
+    splits = {"train": TensorDataset(x[fit_idx], y[fit_idx]), "val": TensorDataset(x[val_idx], y[val_idx]), "test": test}
+    names = {"train": [pairs[i][0] for i in fit_idx.tolist()], "val": [pairs[i][0] for i in val_idx.tolist()],
+             "test": test_names}
+    return ImageMaskSplits(**splits, names=names, **protocol)

@@ -40,12 +40,30 @@ class MultiLabelSplits(NamedSplits):
         return self.train.tensors[1].shape[1]
 
 
-def holdout(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
-    """Split (x, y) into (train, val) with a fixed permutation; `fraction` goes to val."""
-    if not 0.0 < fraction < 1.0:
-        from dsp.errors import DspError
+def min_examples(fraction: float) -> int:
+    """The fewest examples from which `holdout(..., fraction, ...)` keeps at least one for training
+    and one for validation."""
+    n = max(2, int(0.5 / (1.0 - fraction)) - 1)
+    while n - max(1, int(round(fraction * n))) < 1:
+        n += 1
+    return n
 
-        raise DspError(f"data.val_fraction must be in (0, 1), got {fraction}")
+
+def holdout(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int, source: str | None = None,
+            key: str = "data.val_fraction"):
+    """Split (x, y) into (train, val) with a fixed permutation; `fraction` goes to val.
+
+    Too few examples to keep one on each side is refused, naming `source` (the file they came from)
+    and the smallest count that works; `key` is the setting that holds `fraction`, for messages."""
+    from dsp.errors import DspError
+
+    if not 0.0 < fraction < 1.0:
+        raise DspError(f"{key} must be in (0, 1), got {fraction}")
+    need = min_examples(fraction)
+    if x.shape[0] < need:
+        raise DspError(f"{source + ': ' if source else ''}{x.shape[0]} example(s) are too few to hold out "
+                       f"{key}={fraction:g}: at least {need} are needed (one or more to validate, one or more "
+                       f"to train); give more examples or change {key}")
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(x.shape[0], generator=gen)
     n_val = max(1, int(round(fraction * x.shape[0])))
