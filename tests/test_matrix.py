@@ -22,6 +22,7 @@ from omegaconf import ListConfig
 from conftest import write_mulan, write_ocr
 from fixtures_images import tiny_denoise_overrides, tiny_images_overrides, write_image_folder
 from fixtures_text import write_conll
+from test_any_sequences_images import write_pairs
 from test_formats import tiny_overrides
 from test_word50 import write_word50_sources
 from dsp.cli.common import config_dir
@@ -125,6 +126,12 @@ def _tiny(data: str, tmp_path: Path) -> list[str]:
         return [o for o in tiny_denoise_overrides(tmp_path / "denoise") if not o.startswith("trainer.")]
     if data in ("npz", "csv", "hdf5", "hdf5_sequences", "hdf5_masks"):
         return tiny_overrides(data, tmp_path / "formats")
+    if data == "conll":
+        train_txt, test_txt = write_conll(tmp_path / "conll_any", n_train=16, n_test=6)
+        return [f"data.train={train_txt}", f"data.test={test_txt}", "data.label_column=1"]  # POS tags
+    if data == "masks":
+        images, masks = write_pairs(tmp_path / "pairs", n=10)
+        return [f"data.images={images}", f"data.masks={masks}", "data.size=32"]
     raise AssertionError(f"no tiny data for the family {data}: add it here")
 
 
