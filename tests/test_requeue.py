@@ -77,6 +77,10 @@ def test_a_preempted_run_continues_when_its_command_runs_again_and_then_is_finis
     assert again.returncode == 0, again.stderr
     assert numbers(run) == numbers(uninterrupted) and not (run / "checkpoints" / "preempted.json").exists()
     assert dsp_train(f"hydra.run.dir={run}").returncode == 2  # finished: a new start is refused again
+    kept = (run / "metrics.json").read_bytes()
+    resumed = dsp_train(f"hydra.run.dir={run}", "trainer.resume=true")  # nothing left to train: files kept
+    assert resumed.returncode == 0 and "is finished" in resumed.stdout + resumed.stderr
+    assert (run / "metrics.json").read_bytes() == kept
 
 
 def test_the_preemption_signals_and_the_restart_count(monkeypatch):

@@ -26,6 +26,7 @@ Progress: tqdm bars on a terminal; when stderr is not one (a Slurm log), one lin
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -317,6 +318,10 @@ class Trainer:
                 if i > first_stage and self._out_of_budget():
                     break  # max_steps / max_time_s spent: a later stage would only re-validate its baseline
                 self._fit_stage(i, writer, resume if i == first_stage else None)
+            finished = self._finished_metrics(resume)
+            if finished is not None:  # a finished run resumed with nothing left to train: its files stay
+                self.write(f"{self.run_dir} is finished (nothing left to train); its metrics.json is kept")
+                return finished
             self._stop.stop_at_once(
                 f"a preemption signal came after training, before the final evaluation ended: the checkpoints "
                 f"are complete; write metrics.json with trainer.resume=true hydra.run.dir={self.run_dir}, or "
@@ -336,6 +341,16 @@ class Trainer:
             write_json(metrics, self.run_dir / "metrics.json")
             run_folder.clear_preempted(self.run_dir)  # finished: a new start here is refused again
         return metrics
+
+    def _finished_metrics(self, resume: dict | None) -> dict | None:
+        """The metrics.json of a run that was finished when this resume started and trained no step since."""
+        if resume is None or self.step != resume["step"]:
+            return None
+        try:
+            metrics = json.loads((self.run_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None  # not finished, or its metrics.json is damaged: evaluate again
+        return metrics if isinstance(metrics, dict) else None
 
     def _fit_stage(self, index: int, writer: Logger, resume: dict | None) -> None:
         """The loop of one stage: epochs of optimiser steps, each followed by a validation and the
