@@ -302,3 +302,16 @@ def test_dsp_train_refuses_a_bad_setting_in_one_line_before_any_folder(tmp_path,
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == "error: inference.lr='abc': give a number above 0"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arg, named", [("trainer.lrr=0.1", "trainer.lrr is not a trainer setting (did you mean trainer.lr?)"),
+                                        ("trainer.stages.train.lrr=1", "did you mean trainer.stages.train.lr?")])
+def test_an_unknown_trainer_key_on_the_command_line_is_one_line(arg, named, capsys):
+    """Hydra itself would refuse it in several lines, without a suggestion."""
+    from dsp.cli.train import refuse_unknown_trainer_keys
+
+    refuse_unknown_trainer_keys(["trainer.lr=0.1", "trainer.stages.joint.lr=0.1", "model=mlp"])  # known: nothing
+    with pytest.raises(SystemExit) as stop:
+        refuse_unknown_trainer_keys([arg])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and named in err and len(err.strip().splitlines()) == 1

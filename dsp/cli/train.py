@@ -22,7 +22,7 @@ from dsp.training import distributed
 from dsp.training import run_folder
 from dsp.training.checkpoint import load_latest, refuse_used_run_dir
 from dsp.training.loggers import check_logger
-from dsp.training.config_checks import check_settings, check_trainer
+from dsp.training.config_checks import check_settings, check_trainer, trainer_defaults
 from dsp.training.preemption import EXIT_CODE as PREEMPTED, Preempted, hand_on
 from dsp.training.trainer import Trainer, resolve_device
 
@@ -249,7 +249,29 @@ def _failed_job(hydra_cfg, run_dir: Path, err: Exception) -> float:
     raise JobFailed(message) from err
 
 
+def refuse_unknown_trainer_keys(argv: list[str]) -> None:
+    """`trainer.<key>=...` naming no trainer setting would stop in Hydra's own multi-line error: name
+    it in one line with the closest setting instead (keys added with + are checked at compose time)."""
+    import difflib
+
+    settings = trainer_defaults()
+    stage_keys = sorted(settings["stages"]["train"])
+    for arg in argv:
+        if not arg.startswith("trainer.") or "=" not in arg:
+            continue
+        parts = arg.split("=", 1)[0].split(".")
+        known, key = (sorted(settings), parts[1]) if len(parts) == 2 else (
+            (stage_keys, parts[3]) if len(parts) == 4 and parts[1] == "stages" else (None, None))
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {'.'.join(parts[:-1] + close)}?)" if close else ""
+            print(f"error: {'.'.join(parts)} is not a trainer setting{hint}; conf/trainer/default.yaml lists them",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
 def main() -> None:
+    refuse_unknown_trainer_keys(sys.argv[1:])
     hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_main)()
     if _FAILED_JOBS:  # jobs run in this process (the basic launcher): a script sees the failure
         print(f"error: {len(_FAILED_JOBS)} job(s) of the sweep failed ({', '.join(_FAILED_JOBS)}); "
