@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     listing = "\n".join(f"  {n:<10} -> <data-dir>/{s.folder}/  from {', '.join(s.urls)}" for n, s in DATASETS.items())
     parser = argparse.ArgumentParser(
         prog="dsp-download",
-        description="Download datasets for dsp (resumable, checksum-verified).",
+        description="Download datasets for dsp (resumable; files whose SHA-256 is pinned are verified, --list says which).",
         epilog=f"datasets:\n{listing}\n\nAny source can be replaced with --url or --base-url, e.g. a mirror "
         "of weizmann_horse_db.tar.gz (the original host is often offline) or a zip/tar.gz copy of a "
         "Mulan .rar (reading .rar needs `pip install rarfile` plus unrar or bsdtar; a repacked copy "
