@@ -10,7 +10,7 @@ A module may import from its own layer and the layers listed before it, never fr
     tasks       output spaces: decoding, metrics, oracles, batched prediction
     objectives  losses of (model, inference, batch)
     training    trainer, stages, checkpoints, scaling, distributed
-    build       wiring a config into a run (dsp.build, dsp.compat, dsp.gradcheck)
+    build       wiring a config into a run (dsp.build, dsp.compat, dsp.gradcheck, dsp.prediction)
     cli         the console entry points
 
 Data flows the same way: nothing below knows what sits above it.
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("dsp.tasks",),
     ("dsp.objectives",),
     ("dsp.training",),
-    ("dsp.build", "dsp.compat", "dsp.gradcheck", "dsp.conf"),
+    ("dsp.build", "dsp.compat", "dsp.gradcheck", "dsp.prediction", "dsp.conf"),
     ("dsp.cli",),
 ]
 

@@ -8,20 +8,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dsp.compat import check_built, check_config
+from dsp.data.splits import data_dims
 from dsp.errors import DspError
 from dsp.instantiate import check_trusted, instantiate
 from dsp.seed import set_seed
 from dsp.tasks import task_for
 from dsp.training.stages import build_stages, check_predict_mode
 from dsp.training.checkpoint import load_checkpoint
-
-
-def data_dims(data) -> dict:
-    """The data's sizes the model's YAML reads through ${dims.*}: features, labels and the size of
-    every vocabulary (words, pos, chars for text) as dims.num_words, dims.num_pos, ..."""
-    dims = {"num_features": data.num_features, "num_labels": data.num_labels}
-    dims.update({f"num_{name}": len(items) for name, items in (data.vocab or {}).items()})
-    return dims
 
 
 def build_data(cfg: DictConfig):
@@ -85,7 +78,15 @@ def assemble(cfg: DictConfig) -> RunParts:
     loads (dsp.compat), then data, task, model, inference, objective and training stages built.
     dsp-train and dsp-gradcheck call this; dsp-eval rebuilds a trained run with load_run."""
     data, model, inference, objective = build_run(cfg)
-    return RunParts(data, task_for(data), model, inference, objective, build_stages(cfg.trainer, objective, model))
+    stages = build_stages(cfg.trainer, objective, model, _size(data.split("train")))
+    return RunParts(data, task_for(data), model, inference, objective, stages)
+
+
+def _size(split) -> int | None:
+    try:
+        return len(split)
+    except TypeError:  # a dataset without a length (a stream): trainer.batch_size=auto takes 64
+        return None
 
 
 @dataclass
@@ -114,186 +115,16 @@ class LoadedRun:
     # ------------------------------------------------------------------ predictions for new inputs
     @property
     def family(self) -> str:
-        """What the run predicts from what, read off its data loader's declared class: "multilabel"
-        (feature vectors), "sequence" (images or vectors per position), "tokens" (text: word, POS and
-        character ids per position) or "mask" (images); anything else is refused here."""
-        from dsp import interfaces as I
-        from dsp.compat import data_class
+        """What the run predicts from what (dsp.prediction.family)."""
+        from dsp.prediction import family
 
-        tree = {"data": OmegaConf.to_container(self.config.data, resolve=False)}
-        cls = data_class(tree)
-        kind, source = (cls.output, cls.input) if cls is not None else (None, None)
-        families = {(I.MULTILABEL, I.VECTORS): "multilabel", (I.SEQUENCE, I.IMAGE_SEQUENCES): "sequence",
-                    (I.SEQUENCE, I.TOKEN_SEQUENCES): "tokens", (I.MASK, I.IMAGES): "mask"}
-        if (kind, source) not in families:
-            what = f"{kind} outputs from {source}" if kind else "outputs of a kind its data loader does not declare"
-            raise DspError(f"this run ({self.config.data.get('_target_')}) predicts {what}; predictions for new "
-                           f"inputs cover multi-label runs, sequence runs (image sequences or text) and mask runs")
-        return families[kind, source]
-
-    def _training_data(self, why: str | None):
-        """The run's data as its stored config loads it (standardize off: predict() applies the training
-        statistics itself), loaded once. When it cannot be loaded: a DspError saying `why` it is
-        needed, or None when `why` is None (only nice-to-have, e.g. label names)."""
-        import copy
-
-        loaded = self.__dict__.setdefault("_loaded", {})  # loaded once per LoadedRun
-        if "data" not in loaded:
-            cfg = copy.deepcopy(self.config)
-            if cfg.data.get("standardize") is True:
-                cfg.data.standardize = False
-            try:
-                data = instantiate(cfg.data, "data")
-                trained = OmegaConf.to_container(cfg.dims) if "dims" in cfg else {}
-                other = [f"{k}={v} (the model: {trained[k]})" for k, v in data_dims(data).items()
-                         if k in trained and trained[k] != v]
-                if other:
-                    raise DspError(f"the data its stored config loads now does not fit the model: {', '.join(other)}")
-                loaded["data"] = data
-            except DspError as err:
-                loaded["data"] = err
-        data = loaded["data"]
-        if isinstance(data, DspError):
-            if why:
-                raise DspError(f"{why}, recomputed from the run's training data (the data.* keys of its stored "
-                               f"config), which cannot be loaded here: {data}")
-            return None
-        return data
+        return family(self)
 
     def predict(self, x, lengths=None, batch_size: int = 1024) -> dict:
-        """Predictions for new inputs, made as dsp-eval makes them (the task's predict with the
-        checkpoint's prediction mode and decision threshold), after the preprocessing training applied.
-        Returns numpy arrays:
+        """Predictions for new inputs, made as dsp-eval makes them (dsp.prediction.predict)."""
+        from dsp.prediction import predict
 
-        multilabel  x [N, D] features as stored (with data.standardize=true they are standardised
-                    here by the training split's statistics, recomputed from the run's training
-                    files, which must then be present) -> labels uint8 [N, L] (score >= threshold),
-                    scores float32 [N, L], label_names, threshold
-        sequence    x [N, T, ...] zero-padded inputs and lengths [N] (default: every sequence T long)
-        tokens      a list of sentences, each a list of (word, POS) pairs, encoded with the run's
-                    training vocabulary (its training files must be present); or x int64 [N, T, F]
-                    of ids as the run's data encodes them, with lengths
-                    -> tags int64 [N, T] (tag ids, -1 after each sequence's end), lengths [N],
-                    tag_names (per sequence, a list of tag names), label_names (id -> name)
-        mask        x [N, C, H, W] or [N, H, W] images in [0, 1] (uint8: divided by 255) of the size
-                    the run was trained on -> masks uint8 [N, H, W], scores float32 [N, H, W]
-        """
-        import numpy as np
-        from torch.utils.data import TensorDataset
-
-        from dsp.data.inputs import check_lengths, encode_tokens
-        from dsp.data.mulan import standardized
-        from dsp.tasks.multilabel import MultiLabelTask, decode
-        from dsp.tasks.sequence import SequenceTask
-
-        family = self.family
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DspError(f"batch_size={batch_size!r}: give a whole number of at least 1")
-        device = next(iter([*self.model.parameters(), *self.model.buffers()]), torch.zeros(0)).device
-        dims = OmegaConf.to_container(self.config.dims) if "dims" in self.config else {}
-        num_features = dims.get("num_features")
-
-        def tensor(value, name: str) -> torch.Tensor:
-            try:
-                t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-            except (TypeError, ValueError, RuntimeError) as err:
-                raise DspError(f"{name} must be an array or tensor of numbers ({err})") from None
-            if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int16,
-                                                                                   torch.int32, torch.int64)):
-                raise DspError(f"{name} holds {t.dtype} values; give numbers")
-            return t
-
-        def finite(t: torch.Tensor, name: str) -> None:
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                row = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).any(1))[0])
-                raise DspError(f"{name}: row {row} holds a NaN or infinite value; every input must be a finite number")
-
-        if family == "multilabel":
-            x = tensor(x, "x").float()
-            x = x[None] if x.dim() == 1 else x
-            if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] != num_features:
-                raise DspError(f"x has shape {tuple(x.shape)}, but the run's model reads [examples, {num_features}] "
-                               f"feature vectors (dims.num_features)")
-            finite(x, "x")
-            if self.config.data.get("standardize") is True:
-                data = self._training_data("data.standardize=true: inputs are standardised by the training "
-                                           "split's feature means and deviations")
-                x = standardized(data.split("train"), TensorDataset(x))[1].tensors[0]
-            data = self._training_data(None)
-            soft, _ = MultiLabelTask().predict(self.model, self.inference, x.to(device), None, batch_size,
-                                               self.predict_mode)
-            threshold = 0.5 if self.threshold is None else self.threshold
-            names = list(data.label_names) if data is not None and getattr(data, "label_names", None) else \
-                [f"label{j}" for j in range(soft.shape[1])]
-            return {"labels": decode(soft, threshold).cpu().numpy(), "scores": soft.float().cpu().numpy(),
-                    "label_names": names, "threshold": threshold}
-
-        if family in ("sequence", "tokens"):
-            data = None
-            if family == "tokens" and isinstance(x, (list, tuple)):
-                target = self.config.data.get("_target_")
-                if target != "dsp.data.conll.load_conll2000":
-                    raise DspError(f"sentences are encoded as data=conll2000 encodes them (word, POS and character "
-                                   f"ids); this run's data ({target}) may encode its tokens otherwise: give x as the "
-                                   f"id arrays its loader makes, with lengths")
-                data = self._training_data("a run over text encodes words with its training vocabulary")
-                sentences = []
-                for i, sentence in enumerate(x):
-                    if not isinstance(sentence, (list, tuple)) or not sentence or not all(
-                            isinstance(tok, (list, tuple)) and len(tok) == 2 for tok in sentence):
-                        raise DspError(f"x[{i}]: give each sentence as a non-empty list of (word, POS) pairs")
-                    sentences.append([(str(w), str(p)) for w, p in sentence])
-                if not sentences:
-                    raise DspError("x holds no sentences")
-                ids, lengths = encode_tokens(sentences, data.vocab, data.num_features - 2,
-                                             bool(self.config.data.get("lowercase", False)))
-                x = torch.from_numpy(ids)
-            else:
-                x = tensor(x, "x")
-                x = (x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()) if family == "sequence" else x
-                per_position = int(np.prod(x.shape[2:])) if x.dim() >= 3 else None
-                if x.dim() < 3 or x.shape[0] == 0 or per_position != num_features:
-                    raise DspError(f"x has shape {tuple(x.shape)}, but the run's model reads [sequences, positions, "
-                                   f"...] with {num_features} numbers per position (dims.num_features)")
-                if family == "tokens" and x.is_floating_point():
-                    raise DspError("x holds floats; a run over text reads integer ids (or give sentences of "
-                                   "(word, POS) pairs)")
-                finite(x, "x")
-            data = data or self._training_data(None)
-            if family == "sequence" and data is not None:
-                trained = tuple(data.split("train").tensors[0].shape[2:])
-                if tuple(x.shape[2:]) != trained:
-                    raise DspError(f"x holds inputs of shape {tuple(x.shape[2:])} per position; the run was trained "
-                                   f"on {trained}")
-            n, t = x.shape[:2]
-            lengths = torch.from_numpy(check_lengths(lengths.numpy() if isinstance(lengths, torch.Tensor) else
-                                                     lengths, n, t, "lengths"))
-            y = torch.where(torch.arange(t)[None] < lengths[:, None], 0, -1)  # the lengths, as targets carry them
-            num_labels = dims.get("num_labels")
-            names = [str(k) for k in range(num_labels)] if data is None else list(data.label_names)
-            pred, _ = SequenceTask(names).predict(self.model, self.inference, x.to(device), y.to(device),
-                                                  batch_size, self.predict_mode)
-            pred = pred.cpu().numpy()
-            return {"tags": pred, "lengths": lengths.numpy(), "label_names": names,
-                    "tag_names": [[names[k] for k in row[:m]] for row, m in zip(pred.tolist(), lengths.tolist())]}
-
-        from dsp.tasks.segmentation import SegmentationTask, decode as decode_masks
-
-        x = tensor(x, "x")
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        x = x[:, None] if x.dim() == 3 else x
-        if x.dim() != 4 or x.shape[0] == 0 or x.shape[1] != num_features:
-            raise DspError(f"x has shape {tuple(x.shape)}, but the run's model reads images [examples, "
-                           f"{num_features}, height, width] (dims.num_features channels)")
-        finite(x, "x")
-        size = self.config.data.get("size")
-        if size is not None and tuple(x.shape[2:]) != (size, size):
-            raise DspError(f"x holds {x.shape[2]}×{x.shape[3]} images; the run was trained on {size}×{size} "
-                           f"(data.size): resize them first (dsp-predict reads image files at that size)")
-        data = self.config.data
-        task = SegmentationTask(data.get("crop"), False, data.get("test_crops"), data.get("combine", "average"))
-        probs, _ = task.predict(self.model, self.inference, x.to(device), None, batch_size, self.predict_mode)
-        return {"masks": decode_masks(probs).cpu().numpy(), "scores": probs.float().cpu().numpy()}
+        return predict(self, x, lengths, batch_size)
 
 
 def _dotted(tree, prefix: str = ""):

@@ -24,6 +24,12 @@ def hamming(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 100.0 * (pred.bool() != target.bool()).double().mean().item()
 
 
+def empty_rate(pred: torch.Tensor) -> float:
+    """Percentage of examples given no label at all: a model that collapsed to predicting nothing
+    shows here first (next to the share of examples whose true label set is empty)."""
+    return 100.0 * (~pred.bool().any(-1)).double().mean().item() if pred.shape[0] else 0.0
+
+
 # Sequence metrics. Inputs are int64 `[N, T]` label indices; -1 in the target marks padding, and
 # predictions at padded positions are ignored. Sequences of length 0 are skipped; with nothing
 # left to score the metrics return 0.0 (conlleval's default).

@@ -26,7 +26,7 @@ def composed(*overrides):
     (["model=spen", "data=ocr"], r"model=spen works on multilabel outputs.*model choices .*spen_sequence"),
     (["model=spen", "data=ocr", "trainer=default"], r"model choices that fit inference=mirror, objective=ssvm and "
                                                      r"data=ocr: chain_crf, spen_sequence$"),
-    (["model=mlp3", "objective=local"], r"trainer.stages.global.train names \['global_energy'\], which model=mlp3"),
+    (["model=mlp3", "objective=local", "trainer=staged"], r"trainer.stages.global.train names \['global_energy'\], which model=mlp3"),
     (["+trainer.online_scaling={min_exp: 0.5}"], r"trainer.online_scaling.min_exp=0.5: give a whole number"),
     (["model=mrf", "data=ocr", "inference=message_passing", "objective=mrf_blended", "trainer=default"],
      r"model.num_variables: \$\{data.word_length\} refers to `data.word_length`, which data=ocr does not have"),

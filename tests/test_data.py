@@ -86,16 +86,24 @@ def test_single_file_dataset_gets_a_fixed_test_split(tiny_mulan):
 def test_standardize_uses_training_statistics_by_hand():
     from torch.utils.data import TensorDataset
 
-    from dsp.data.mulan import standardized
+    from dsp.data.preprocessing import fit_input_transform, transformed
 
     y = torch.zeros(2, 1)
-    train = TensorDataset(torch.tensor([[1.0, 5.0], [3.0, 5.0]]), y)  # means 2, 5; population stds 1, 0
-    test = TensorDataset(torch.tensor([[4.0, 6.0]]), y[:1])
-    tr, te = standardized(train, test)
-    assert torch.allclose(tr.tensors[0], torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), atol=1e-5)
+    train = TensorDataset(torch.tensor([[1.0, 5.0, 1.0], [3.0, 5.0, 0.0]]), y)  # means 2, 5, .5; stds 1, 0, .5
+    test = TensorDataset(torch.tensor([[4.0, 6.0, 1.0]]), y[:1])
+    tr, te = transformed(fit_input_transform(train.tensors[0], True), train, test)
+    assert torch.allclose(tr.tensors[0], torch.tensor([[-1.0, 0.0, 1.0], [1.0, 0.0, -1.0]]), atol=1e-5)
     # test features use the training mean and std; the feature constant on train is only centred
-    assert torch.allclose(te.tensors[0], torch.tensor([[2.0, 1.0]]), atol=1e-5)
+    assert torch.allclose(te.tensors[0], torch.tensor([[2.0, 1.0, 1.0]]), atol=1e-5)
     assert te.tensors[1] is test.tensors[1]
+    # auto: the 0/1 column stays as it is; so does a constant 5 (not 0/1: centred only)
+    tr, te = transformed(fit_input_transform(train.tensors[0], "auto"), train, test)
+    assert torch.allclose(te.tensors[0], torch.tensor([[2.0, 1.0, 1.0]]), atol=1e-5)
+    assert torch.equal(tr.tensors[0][:, 2], train.tensors[0][:, 2])
+    # nothing to do: no transform at all; a missing value is filled with the training mean first
+    assert fit_input_transform(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), "auto") is None
+    t = fit_input_transform(torch.tensor([[1.0, float("nan")], [3.0, 4.0]]), False)
+    assert torch.equal(t(torch.tensor([[float("nan"), float("nan")]])), torch.tensor([[2.0, 4.0]]))
 
 
 def test_load_mulan_standardize(tiny_mulan):

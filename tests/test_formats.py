@@ -138,7 +138,7 @@ def _train(run: Path, overrides: list[str]):
 # ------------------------------------------------------------------------ round trips
 def test_npz_round_trips_into_a_training_run(tmp_path):
     tr, te = write_npz_data(tmp_path / "data")
-    data = load_npz(str(tr), str(te), val_fraction=0.25, split_seed=3)
+    data = load_npz(str(tr), str(te), val_fraction=0.25, split_seed=3, standardize=False)
     x, y = _multilabel(40, seed=0)
     assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 16) and data.label_names == list("abcd")
     assert data.train.tensors[0].dtype == torch.float32 and data.train.tensors[1].dtype == torch.float32
@@ -161,8 +161,8 @@ def test_npz_standardize_and_held_out_test_follow_load_mulan(tmp_path):
 
 def test_csv_round_trips_with_labels_by_name_or_count(tmp_path):
     tr, te = write_csv_data(tmp_path / "data", labels_first=True)
-    by_name = load_csv(str(tr), str(te), labels=[f"tag_{c}" for c in "abcd"])
-    by_count = load_csv(str(tr), str(te), num_labels=4, label_position="start")
+    by_name = load_csv(str(tr), str(te), labels=[f"tag_{c}" for c in "abcd"], standardize=False)
+    by_count = load_csv(str(tr), str(te), num_labels=4, label_position="start", standardize=False)
     assert by_name.label_names == by_count.label_names == ["tag_a", "tag_b", "tag_c", "tag_d"]
     x, y = _multilabel(16, seed=1)  # the test file's columns are reversed: read back by name
     assert torch.allclose(by_name.test.tensors[0], torch.from_numpy(x), atol=1e-5)

@@ -20,3 +20,11 @@ def test_hamming_hand_computed():
     pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 1]])
     target = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]])
     assert abs(hamming(pred, target) - 100 * 2 / 8) < 1e-9
+
+
+def test_empty_rate_hand_computed():
+    from dsp.metrics import empty_rate
+
+    pred = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]])
+    assert empty_rate(pred) == 50.0  # rows 2 and 4 name no label
+    assert empty_rate(torch.zeros(0, 3)) == 0.0

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 import dsp
@@ -102,17 +104,22 @@ def test_multilabel_python_predict_on_arrays_and_tensors(mulan_run):
         assert (result["labels"] == arrays["pred"]).all() and np.allclose(result["scores"], arrays["score"], atol=1e-6)
 
 
-def test_standardised_runs_refuse_without_their_training_files(mulan_run, tmp_path):
+def test_standardised_runs_predict_without_their_training_files(mulan_run, tmp_path):
+    """The fitted standardisation is in the checkpoint: moving the training file away changes nothing."""
     import shutil
 
     run_dir, train_arff, test_arff = mulan_run
+    x = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
+    before = dsp.load_run(run_dir).predict(x)
     moved = tmp_path / "elsewhere.arff"
     shutil.move(train_arff, moved)
     try:
-        with pytest.raises(DspError, match="data.standardize=true.*cannot be loaded here.*not found"):
-            dsp.load_run(run_dir).predict(np.zeros((2, 12), np.float32))
+        after = dsp.load_run(run_dir).predict(x)
     finally:
         shutil.move(moved, train_arff)
+    assert np.array_equal(before["scores"], after["scores"]) and np.array_equal(before["labels"], after["labels"])
+    state = torch.load(Path(run_dir) / "checkpoints" / "best.pt", weights_only=False)
+    assert state["input_transform"]["scale"].shape == (12,) and (state["input_transform"]["scale"] != 1).any()
 
 
 @pytest.mark.parametrize("make, message", [

@@ -45,6 +45,7 @@ from dsp.data.images import ImageMaskSplits, _crop_settings
 from dsp.data.sequences import SequenceSplits, pad_sequences
 from dsp.data.splits import MultiLabelSplits, holdout
 from dsp.data.tables import check_features, check_labels01, multilabel_splits
+from dsp.data.preprocessing import Standardize
 from dsp.errors import DspError
 from dsp.schema import Count, OpenFraction, Size
 
@@ -117,7 +118,7 @@ def load_hdf5(
     path: str,
     val_fraction: OpenFraction = 0.2,
     split_seed: Count = 0,
-    standardize: bool = False,
+    standardize: Standardize = False,
 ) -> MultiLabelSplits:
     """Multi-label data from one HDF5 file (module docstring): x [N, D], y [N, L] 0/1 per split."""
     splits, attrs, dtypes = read_h5_splits(path)
@@ -137,7 +138,7 @@ def load_hdf5(
     paths = {split: f"{path} (/{split})" for split in SPLITS}
     data = multilabel_splits(arrays, names, paths, val_fraction, split_seed, None, standardize)
     data.source = _streamable(path, dtypes, (np.dtype(np.float32),), np.dtype(np.float32), "val" not in splits,
-                              not standardize)
+                              data.input_transform is None)
     return data
 
 

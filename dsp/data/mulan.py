@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dsp.data.cache import cached_arrays, default_cache_dir
+from dsp.data.preprocessing import Standardize, check_standardize, fit_input_transform, transformed
 from dsp.data.splits import MultiLabelSplits, holdout
 from dsp.errors import DspError
 from dsp.schema import Count, OpenFraction, Positive, Size
@@ -323,16 +324,6 @@ def _check_rows(x: np.ndarray, y: np.ndarray, lnames: list[str], path: str, miss
                        f"fill it in, or set data.missing=mean to impute training means")
 
 
-def imputed(train: TensorDataset, *others: TensorDataset) -> tuple[TensorDataset, ...]:
-    """Missing features (NaN) replaced by the feature's mean over `train` (0 where train has none)."""
-    x = train.tensors[0]
-    if not any(torch.isnan(d.tensors[0]).any() for d in (train, *others)):
-        return (train, *others)
-    means = torch.nan_to_num(torch.nanmean(x, 0, keepdim=True), nan=0.0)  # [1, D]
-    return tuple(TensorDataset(torch.where(torch.isnan(d.tensors[0]), means, d.tensors[0]), *d.tensors[1:])
-                 for d in (train, *others))
-
-
 def load_mulan(
     train: str,
     test: str | None,
@@ -343,20 +334,19 @@ def load_mulan(
     split_seed: Count = 0,
     cache_dir: str | None = None,
     test_size: Positive | None = None,  # a count (>= 1) or a fraction of the examples
-    standardize: bool = False,
+    standardize: Standardize = "auto",
     missing: Literal["mean", "refuse"] = "mean",
 ) -> MultiLabelSplits:
     """Load a Mulan dataset: official train/test files, validation carved from train.
 
     A dataset that Mulan ships as one file (bookmarks) gives `test=None` and `test_size`: a count
     or a fraction of the examples held out as the test split with a fixed seed.
-    `standardize=True` shifts and scales every feature by its mean and standard deviation over the
-    training split (validation and test use the training statistics), as the DVN authors' released
-    code does. `missing`: "mean" imputes a missing (`?`) feature with its training mean, "refuse"
+    `standardize` (auto: the non-binary features; true: all; false: none) shifts and scales features
+    by their mean and standard deviation over the training split (validation and test use the
+    training statistics; dsp.data.preprocessing). `missing`: "mean" imputes a missing (`?`) feature with its training mean, "refuse"
     refuses the file; a missing label is always refused (module docstring).
     """
-    if not isinstance(standardize, bool):
-        raise DspError(f"data.standardize={standardize!r}: choose true or false")
+    check_standardize(standardize)
     if missing not in ("mean", "refuse"):
         raise DspError(f"data.missing={missing!r}: choose mean (impute training means) or refuse")
     label_names = read_label_names(labels_xml) if labels_xml else None
@@ -383,18 +373,6 @@ def load_mulan(
         )
     train_ds, val_ds = holdout(*arrays["train"], val_fraction, split_seed, source=train)
     test_ds = TensorDataset(*arrays["test"])
-    train_ds, val_ds, test_ds = imputed(train_ds, val_ds, test_ds)
-    if standardize:
-        train_ds, val_ds, test_ds = standardized(train_ds, val_ds, test_ds)
-    return MultiLabelSplits(train_ds, val_ds, test_ds, lnames)
-
-
-def standardized(train, *others):
-    """(x - mean) / std per feature with the statistics of `train` (population std); labels unchanged.
-    A feature constant on train is only centred: the released code's std + 1e-6 would multiply a
-    value it takes elsewhere (a word never seen in training) by a million."""
-    x = train.tensors[0]  # [N, D]
-    mean = x.mean(0, keepdim=True)  # [1, D]
-    std = x.std(0, unbiased=False, keepdim=True)  # [1, D]
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return tuple(TensorDataset((d.tensors[0] - mean) / std, *d.tensors[1:]) for d in (train, *others))
+    transform = fit_input_transform(train_ds.tensors[0], standardize)  # `?` filled, features scaled
+    train_ds, val_ds, test_ds = transformed(transform, train_ds, val_ds, test_ds)
+    return MultiLabelSplits(train_ds, val_ds, test_ds, lnames, input_transform=transform)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dsp import interfaces as I
+from dsp.data.preprocessing import InputTransform
 
 
 class NamedSplits(I.Dataset):
@@ -20,6 +21,14 @@ class NamedSplits(I.Dataset):
         return getattr(self, name)
 
 
+def data_dims(data) -> dict:
+    """The data's sizes the model's YAML reads through ${dims.*}: features, labels and the size of
+    every vocabulary (words, pos, chars for text) as dims.num_words, dims.num_pos, ..."""
+    dims = {"num_features": data.num_features, "num_labels": data.num_labels}
+    dims.update({f"num_{name}": len(items) for name, items in (data.vocab or {}).items()})
+    return dims
+
+
 @dataclass
 class MultiLabelSplits(NamedSplits):
     """Dense features `x [N, D]` (float32) and 0/1 labels `y [N, L]` (float32) per split."""
@@ -30,6 +39,9 @@ class MultiLabelSplits(NamedSplits):
     val: TensorDataset
     test: TensorDataset
     label_names: list[str] = field(default_factory=list)
+    # what was fitted on the training features and applied to every split (missing values filled,
+    # standardisation); checkpoints keep it, so predictions for new inputs apply it too
+    input_transform: "InputTransform | None" = None
 
     @property
     def num_features(self) -> int:

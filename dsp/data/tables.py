@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from dsp.data.mulan import standardized
+from dsp.data.preprocessing import Standardize, check_standardize, fit_input_transform, transformed
 from dsp.data.splits import MultiLabelSplits, holdout
 from dsp.errors import DspError
 from dsp.schema import Count, OpenFraction, Positive, Size
@@ -226,12 +226,11 @@ def read_csv_multilabel(path, labels=None, num_labels=None, label_position="end"
 
 # ------------------------------------------------------------------------------ splits
 def multilabel_splits(arrays: dict, names: list[str], paths: dict, val_fraction: float, split_seed: int,
-                      test_size, standardize: bool) -> MultiLabelSplits:
+                      test_size, standardize: Standardize) -> MultiLabelSplits:
     """MultiLabelSplits from {"train": (x, y)[, "test": (x, y)][, "val": (x, y)]} numpy arrays, as
     load_mulan assembles them: test held out of train when there is no test file, validation carved
     from train when there is no validation file."""
-    if not isinstance(standardize, bool):
-        raise DspError(f"data.standardize={standardize!r}: choose true or false")
+    check_standardize(standardize)
     tensors = {k: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
                for k, (x, y) in arrays.items()}
     if "test" not in tensors:
@@ -265,9 +264,9 @@ def multilabel_splits(arrays: dict, names: list[str], paths: dict, val_fraction:
             raise DspError(f"data.val_fraction={val_fraction} leaves no training examples of the {xtr.shape[0]} in "
                            f"{paths['train']}")
     test_ds = TensorDataset(xte, yte)
-    if standardize:
-        train_ds, val_ds, test_ds = standardized(train_ds, val_ds, test_ds)
-    return MultiLabelSplits(train_ds, val_ds, test_ds, list(names))
+    transform = fit_input_transform(train_ds.tensors[0], standardize)
+    train_ds, val_ds, test_ds = transformed(transform, train_ds, val_ds, test_ds)
+    return MultiLabelSplits(train_ds, val_ds, test_ds, list(names), input_transform=transform)
 
 
 def load_npz(
@@ -276,7 +275,7 @@ def load_npz(
     val_fraction: OpenFraction = 0.2,
     split_seed: Count = 0,
     test_size: Positive | None = None,
-    standardize: bool = False,
+    standardize: Standardize = "auto",
 ) -> MultiLabelSplits:
     """Multi-label data from .npz archives (module docstring: x [N, D], y [N, L] 0/1, optional
     label_names). `test=None` holds out `test_size` (a count or a fraction) of the training file."""
@@ -300,7 +299,7 @@ def load_csv(
     val_fraction: OpenFraction = 0.2,
     split_seed: Count = 0,
     test_size: Positive | None = None,
-    standardize: bool = False,
+    standardize: Standardize = "auto",
 ) -> MultiLabelSplits:
     """Multi-label data from CSV tables with a header row (module docstring): label columns named by
     `labels` or the last / first `num_labels` (`label_position`); the rest are features."""

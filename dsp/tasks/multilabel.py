@@ -15,7 +15,8 @@ def decode(soft: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def evaluate(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    return {"example_f1": M.example_f1(pred, target), "hamming": M.hamming(pred, target)}
+    return {"example_f1": M.example_f1(pred, target), "hamming": M.hamming(pred, target),
+            "empty_predictions": M.empty_rate(pred)}
 
 
 def tune_threshold(soft: torch.Tensor, target: torch.Tensor, grid=None) -> float:

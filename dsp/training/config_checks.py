@@ -37,6 +37,7 @@ _NUMBERS = {
     "stop_at": ("float", -math.inf, False, True),
     "max_time_s": ("float", 0.0, False, True),
 }
+_AUTO = ("batch_size",)  # may also be `auto` (dsp.training.stages.auto_batch_size)
 # The keys a stage may set for itself (null there means "the trainer's value").
 _STAGE_NUMBERS = ("lr", "momentum", "weight_decay", "max_epochs", "patience", "batch_size", "lr_factor", "lr_patience")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -86,7 +87,7 @@ def check_trainer(trainer: DictConfig) -> None:
             hint = f" (did you mean trainer.{close[0]}?)" if close else ""
             raise DspError(f"trainer.{key} is not a trainer setting{hint}; conf/trainer/default.yaml lists them")
     for key, spec in _NUMBERS.items():
-        if key in trainer:
+        if key in trainer and not (key in _AUTO and trainer[key] == "auto"):
             check_number(f"trainer.{key}", trainer[key], *spec)
     ema = trainer.get("ema_decay")
     if ema is not None:
@@ -113,7 +114,7 @@ def check_trainer(trainer: DictConfig) -> None:
         if stage is None:
             continue
         for key in _STAGE_NUMBERS:
-            if stage.get(key) is not None:
+            if stage.get(key) is not None and not (key in _AUTO and stage[key] == "auto"):
                 kind, low, inclusive, _ = _NUMBERS[key]
                 check_number(f"trainer.stages.{name}.{key}", stage[key], kind, low, inclusive, True)
 

@@ -132,7 +132,18 @@ def part_parameters(model: torch.nn.Module, name: str) -> list[torch.nn.Paramete
     return list(getattr(model, name).parameters())
 
 
-def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module) -> list[Stage]:
+def auto_batch_size(num_train: int | None) -> int:
+    """trainer.batch_size=auto: 64, or for a small training set the power of two near N/16 (at least
+    8), so that an epoch is about 16 steps: early stopping, the learning-rate schedule and their
+    patience are counted in epochs, and 300 examples in batches of 64 would give them 5 steps each."""
+    if not num_train:
+        return 64
+    return max(8, min(64, 2 ** math.floor(math.log2(max(num_train, 16) / 16))))
+
+
+def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module,
+                 num_train: int | None = None) -> list[Stage]:
+    """The training stages of trainer_cfg; `num_train` (training examples) sizes batch_size=auto."""
     # A stage set to null is switched off (e.g. trainer.stages.local=null).
     stages_cfg = {k: v for k, v in (trainer_cfg.stages or {}).items() if v is not None}
     if not stages_cfg:
@@ -174,7 +185,8 @@ def build_stages(trainer_cfg: DictConfig, main_objective, model: torch.nn.Module
             name=name, objective=objective, train=train, predict=predict,
             optimizer=get("optimizer"), lr=float(get("lr")), momentum=float(get("momentum")),
             weight_decay=float(get("weight_decay")), max_epochs=int(max_epochs),
-            patience=int(get("patience")), batch_size=int(get("batch_size")),
+            patience=int(get("patience")),
+            batch_size=auto_batch_size(num_train) if get("batch_size") == "auto" else int(get("batch_size")),
             lr_factor=float(get("lr_factor")), lr_patience=int(get("lr_patience")), lr_schedule=schedule,
         ))
     return out

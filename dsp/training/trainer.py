@@ -203,6 +203,9 @@ class Trainer:
             "global_epoch": self.global_epoch,
             "step": self.step,
             "threshold": threshold,
+            # the preprocessing fitted on the training features (filled `?`, standardisation):
+            # dsp-predict applies it to new inputs without the training files
+            "input_transform": _input_transform(self.data),
             "config": self.config_dict,
             "seed": self.seed,
             # wall clock so far and trainer.stop_at's time to target: a resumed run keeps counting
@@ -630,3 +633,8 @@ class Trainer:
         for split, tensors in getattr(self, "splits", {}).items():
             flat[f"examples.{split}"] = int(tensors[0].shape[0])
         return flat
+
+
+def _input_transform(data) -> dict | None:
+    transform = getattr(data, "input_transform", None)
+    return None if transform is None else {k: v.cpu() for k, v in transform.state_dict().items()}
